@@ -1,0 +1,56 @@
+# hessmpi: `make run` trains the bundled example, `make test` runs every test suite.
+# Each target installs what it needs into .venv on first use (a machine with only Python).
+# On a cluster: make test MPIEXEC=srun NP_FLAG=-n   (or MPIEXEC="srun --mpi=pmi2")
+
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+MPIEXEC ?= $(BIN)/mpiexec
+NP_FLAG ?= -n
+NP      ?= 2
+# MPICH's hydra kills a job that runs longer than this many seconds (a hung test fails fast).
+export MPIEXEC_TIMEOUT ?= 600
+export HESSMPI_MPIEXEC = $(MPIEXEC)
+PYTEST  := $(BIN)/python -m pytest
+DATA    := data/digits.h5
+EXAMPLE := jobs/configs/digits_mlp.toml
+
+.PHONY: install run test test-unit test-mpi test-e2e bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,data,report,dev]'
+	touch $@
+
+$(DATA): | $(VENV)/.installed
+	$(BIN)/hessmpi data digits --out $@
+
+run: install $(DATA)
+	rm -rf runs/example-sgd
+	$(MPIEXEC) $(NP_FLAG) $(NP) $(BIN)/hessmpi train --config $(EXAMPLE) --out runs/example-sgd
+	$(BIN)/hessmpi report runs/example-sgd
+
+test: install test-unit test-mpi test-e2e
+
+test-unit: install
+	$(PYTEST) -q tests/unit
+
+test-mpi: install
+	$(MPIEXEC) $(NP_FLAG) 2 $(PYTEST) -q --with-mpi -p no:cacheprovider tests/mpi
+	$(MPIEXEC) $(NP_FLAG) 3 $(PYTEST) -q --with-mpi -p no:cacheprovider tests/mpi
+
+test-e2e: install
+	$(PYTEST) -q tests/e2e
+
+bench: install
+	$(BIN)/python benchmarks/step_time.py
+
+lint: install
+	$(BIN)/ruff check hessmpi tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info .pytest_cache .ruff_cache $(DATA)
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,3 @@
+from hessmpi.cli import main
+
+raise SystemExit(main())

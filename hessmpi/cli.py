@@ -1,0 +1,166 @@
+"""The command line: ``hessmpi train | report | data | info``.
+
+Exit status: 0 success; 2 usage or configuration error (one message, no traceback); 1 a run
+that failed. Under MPI an unexpected exception on any rank prints one line naming the rank
+and the cause and ends every rank with MPI_Abort, so no rank is left waiting.
+Set HESSMPI_TRACEBACK=1 to see the full traceback of such an exception.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from datetime import datetime
+from pathlib import Path
+
+from hessmpi import __version__
+from hessmpi.errors import RunFailed, UsageError
+
+
+def _error(message: str) -> None:
+    print(f"hessmpi: error: {message}", file=sys.stderr, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hessmpi", description=(
+        "Distributed data-parallel SGD accelerated by an inverse-Hessian approximation built "
+        "from the workers' secant pairs. Train under MPI: mpiexec -n 4 hessmpi train ..."))
+    p.add_argument("--version", action="version", version=f"hessmpi {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (run under mpiexec/srun)")
+    t.add_argument("--config", type=Path, help="TOML configuration file (jobs/configs/*.toml)")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a configuration key (repeatable)")
+    t.add_argument("--out", type=Path,
+                   help="run directory (default: runs/DATE-TIME-MODEL-OPTIMIZER)")
+
+    r = sub.add_parser("report", help="a table over finished or running runs")
+    r.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories")
+    r.add_argument("--csv", type=Path, help="also write the table as CSV to this file")
+
+    d = sub.add_parser("data", help="build an HDF5 dataset file")
+    dsub = d.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    dg = dsub.add_parser("digits", help="the UCI digits bundled in scikit-learn (1,797 samples)")
+    dg.add_argument("--test-fraction", type=float, default=0.2)
+    dg.add_argument("--seed", type=int, default=0)
+    dm = dsub.add_parser("mnist", help="MNIST from its IDX files (.gz or plain)")
+    dm.add_argument("--images", type=Path, required=True)
+    dm.add_argument("--labels", type=Path, required=True)
+    dm.add_argument("--test-images", type=Path)
+    dm.add_argument("--test-labels", type=Path)
+    dm.add_argument("--n-train", type=int, default=8000,
+                    help="without test files: the first N samples train, the rest test")
+    ds = dsub.add_parser("synthetic", help="a seeded Gaussian mixture of given conditioning")
+    ds.add_argument("--n-train", type=int, default=4000)
+    ds.add_argument("--n-test", type=int, default=1000)
+    ds.add_argument("--features", type=int, default=50)
+    ds.add_argument("--classes", type=int, default=5)
+    ds.add_argument("--cond", type=float, default=100.0,
+                    help="condition number of the feature covariance")
+    ds.add_argument("--separation", type=float, default=2.0)
+    ds.add_argument("--seed", type=int, default=0)
+    for q in (dg, dm, ds):
+        q.add_argument("--out", type=Path, required=True, help="dataset file to write")
+
+    sub.add_parser("info", help="versions, MPI library, BLAS, GPU")
+    return p
+
+
+def _default_out(cfg: dict) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{cfg['model']['name']}-{cfg['optim']['name']}"
+
+
+def _train(args) -> int:
+    from mpi4py import MPI
+
+    from hessmpi import config
+    from hessmpi.backend import make_backend, node_blas_threads
+    from hessmpi.comm import Communicator
+
+    comm = Communicator(MPI.COMM_WORLD)
+    try:
+        cfg = comm.collectively(config.load, args.config, args.set)
+        bcfg = cfg["backend"]
+        threads = bcfg["threads"] or node_blas_threads(comm.comm)
+        backend = comm.collectively(make_backend, bcfg["device"], bcfg["dtype"], threads)
+        out = comm.bcast(args.out or _default_out(cfg))
+
+        from hessmpi.trainer import Run
+
+        summary = Run(cfg, comm, backend, out).run()
+    except UsageError as e:
+        if comm.rank == 0:
+            _error(str(e))
+        return 2
+    except RunFailed as e:
+        if comm.rank == 0:
+            _error(f"run failed: {e}")
+        return 1
+    except BaseException as e:  # noqa: BLE001 - any other failure must end every rank
+        if os.environ.get("HESSMPI_TRACEBACK"):
+            traceback.print_exc()
+        where = f"rank {comm.rank} of {comm.size}"
+        cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        print(f"hessmpi: error on {where}: {cause}; ending all ranks", file=sys.stderr,
+              flush=True)
+        if comm.size > 1:
+            comm.abort(1)
+        return 1
+    if comm.rank == 0:
+        print(f"hessmpi: finished {summary['steps']} steps in {summary['wall_time']:.1f} s: "
+              f"train loss {summary['train_loss']:.4g}, test loss {summary['test_loss']:.4g}, "
+              f"test accuracy {summary['test_acc']:.4f}; results in {out}/metrics.h5",
+              flush=True)
+    return 0
+
+
+def _data(args) -> int:
+    from hessmpi import importers
+    from hessmpi.data import write_dataset
+
+    if args.source == "digits":
+        train, test, attrs = importers.digits(args.test_fraction, args.seed)
+    elif args.source == "mnist":
+        train, test, attrs = importers.mnist(args.images, args.labels, args.test_images,
+                                             args.test_labels, args.n_train)
+    else:
+        train, test, attrs = importers.synthetic(args.n_train, args.n_test, args.features,
+                                                 args.classes, args.cond, args.separation,
+                                                 args.seed)
+    try:
+        write_dataset(args.out, train, test, **attrs)
+    except OSError as e:
+        raise UsageError(f"cannot write {args.out}: {e.strerror or e}") from None
+    print(f"hessmpi: wrote {args.out}: {len(train[1])} train and {len(test[1])} test samples "
+          f"of {train[0].shape[1]} features, {attrs['n_classes']} classes")
+    return 0
+
+
+def _info(args) -> int:
+    from hessmpi.info import describe
+
+    print(describe())
+    return 0
+
+
+def _report(args) -> int:
+    from hessmpi.report import report
+
+    print(report(args.runs, csv_path=args.csv))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "train":
+        return _train(args)
+    handler = {"data": _data, "info": _info, "report": _report}[args.command]
+    try:
+        return handler(args)
+    except UsageError as e:
+        _error(str(e))
+        return 2

@@ -1,0 +1,211 @@
+"""The configuration schema: every key, its type, default and allowed values, in one place.
+
+A configuration is a nested dict ``{section: {key: value}}``. It comes from a TOML file,
+then ``--set section.key=value`` overrides, and is validated as a whole before any rank
+starts work. Unknown keys and bad values raise :class:`UsageError` naming the key, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hessmpi.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key.
+
+    kind: "int", "float", "str", "bool" or "int_list".
+    choices: allowed values of a "str" option.
+    low: smallest allowed value of a number (inclusive unless ``low_open``).
+    """
+
+    default: Any
+    kind: str
+    help: str
+    choices: tuple[str, ...] | None = None
+    low: float | None = None
+    low_open: bool = False
+    high: float | None = None
+
+
+SCHEMA: dict[str, dict[str, Option]] = {
+    "model": {
+        "name": Option("softmax", "str", "softmax (multinomial logistic regression) or mlp",
+                       choices=("softmax", "mlp")),
+        "hidden": Option([256, 256], "int_list", "MLP hidden layer widths (ignored by softmax)"),
+        "activation": Option("relu", "str", "MLP hidden activation", choices=("relu", "tanh")),
+        "l2": Option(1e-4, "float", "L2 penalty (l2/2)*||theta||^2 in the objective", low=0.0),
+    },
+    "data": {
+        "path": Option("data/digits.h5", "str", "HDF5 dataset file (groups train and test)"),
+    },
+    "optim": {
+        "name": Option("sgd", "str", "optimizer", choices=("sgd",)),
+        "lr": Option(0.1, "float", "SGD learning rate eta", low=0.0, low_open=True),
+        "momentum": Option(0.9, "float", "SGD momentum", low=0.0, high=0.999999),
+        "nesterov": Option(False, "bool", "Nesterov momentum"),
+        "weight_decay": Option(0.0, "float", "decoupled from the objective: added to the gradient",
+                               low=0.0),
+        "schedule": Option("constant", "str", "learning-rate schedule",
+                           choices=("constant", "step", "cosine")),
+        "warmup_steps": Option(0, "int", "linear warm-up from lr/warmup_steps to lr", low=0),
+        "decay_every": Option(1000, "int", "steps between decays of the step schedule", low=1),
+        "decay_factor": Option(0.1, "float", "factor of each decay of the step schedule",
+                               low=0.0, low_open=True, high=1.0),
+        "min_lr": Option(0.0, "float", "final learning rate of the cosine schedule", low=0.0),
+        "check_every": Option(100, "int", "steps between checks that all ranks hold identical "
+                              "parameters (0: never)", low=0),
+    },
+    "train": {
+        "steps": Option(1000, "int", "total optimizer steps", low=1),
+        "batch_size": Option(64, "int", "minibatch size per rank", low=1),
+        "seed": Option(0, "int", "seed of initialisation and sampling", low=0),
+        "log_every": Option(10, "int", "steps between rows of metrics.h5 and progress lines",
+                            low=1),
+        "eval_every": Option(100, "int", "steps between test-set evaluations (0: only at the end)",
+                             low=0),
+    },
+    "backend": {
+        "device": Option("auto", "str", "array backend device", choices=("auto", "cpu", "gpu")),
+        "dtype": Option("float32", "str", "floating-point type of parameters and data",
+                        choices=("float32", "float64")),
+        "threads": Option(0, "int", "BLAS threads per rank (0: node cores / ranks on the node)",
+                          low=0),
+    },
+}
+
+
+def defaults() -> dict[str, dict[str, Any]]:
+    """The configuration with every key at its default."""
+    return {sec: {k: copy.deepcopy(o.default) for k, o in keys.items()}
+            for sec, keys in SCHEMA.items()}
+
+
+def _allowed(opt: Option) -> str:
+    if opt.choices:
+        return "one of " + ", ".join(repr(c) for c in opt.choices)
+    what = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+            "int_list": "a list of positive integers, e.g. [256, 256]"}[opt.kind]
+    bounds = []
+    if opt.low is not None:
+        bounds.append(f"{'>' if opt.low_open else '>='} {opt.low:g}")
+    if opt.high is not None:
+        bounds.append(f"<= {opt.high:g}")
+    return what + (" " + " and ".join(bounds) if bounds else "")
+
+
+def _coerce(name: str, opt: Option, value: Any) -> Any:
+    """Check ``value`` against ``opt`` and return it in canonical type, or raise UsageError."""
+    bad = UsageError(f"config key {name} = {value!r} is invalid: expected {_allowed(opt)}")
+    if opt.kind == "bool":
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if opt.kind == "str":
+        if not isinstance(value, str) or (opt.choices and value not in opt.choices):
+            raise bad
+        return value
+    if opt.kind == "int_list":
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            raise bad
+        return list(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad
+    if opt.kind == "int":
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise bad
+            value = int(value)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise bad
+    if opt.low is not None and (value < opt.low or (opt.low_open and value == opt.low)):
+        raise bad
+    if opt.high is not None and value > opt.high:
+        raise bad
+    return value
+
+
+def _parse_value(text: str) -> Any:
+    """A ``--set`` value: a TOML literal (number, bool, list, quoted string) or a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _merge(cfg: dict, section: str, key: str, value: Any, where: str) -> None:
+    if section not in SCHEMA:
+        raise UsageError(f"{where}: unknown config section [{section}]; "
+                         f"known sections: {', '.join(SCHEMA)}")
+    if key not in SCHEMA[section]:
+        raise UsageError(f"{where}: unknown config key {section}.{key}; known keys of "
+                         f"[{section}]: {', '.join(SCHEMA[section])}")
+    cfg[section][key] = _coerce(f"{section}.{key}", SCHEMA[section][key], value)
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> dict[str, dict[str, Any]]:
+    """Defaults, then the TOML file at ``path`` (if any), then ``section.key=value`` overrides."""
+    cfg = defaults()
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise UsageError(f"cannot read config file {path}: {e.strerror}") from None
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise UsageError(f"{path}: top-level key {section!r} must be a [section]; "
+                                 f"known sections: {', '.join(SCHEMA)}")
+            for key, value in table.items():
+                _merge(cfg, section, key, value, str(path))
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot:
+            raise UsageError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=0.05")
+        _merge(cfg, section, key, _parse_value(text.strip()), f"--set {item}")
+    return cfg
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def to_toml(cfg: dict[str, dict[str, Any]]) -> str:
+    """The effective configuration as TOML text; ``load`` of it gives ``cfg`` back."""
+    lines = []
+    for section, table in cfg.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def from_toml(text: str) -> dict[str, dict[str, Any]]:
+    """Parse and validate a stored effective configuration (as written by :func:`to_toml`)."""
+    cfg = defaults()
+    for section, table in tomllib.loads(text).items():
+        for key, value in table.items():
+            _merge(cfg, section, key, value, "stored config")
+    return cfg

@@ -1,0 +1,137 @@
+"""HDF5 datasets (format in data/README.md), per-rank shards, and the deterministic sampler.
+
+A dataset file holds ``train/x`` (N, d) float32, ``train/y`` (N,) int64 class labels in
+[0, n_classes), the same under ``test/``, and root attributes ``source``, ``n_classes``,
+``description``. Each rank reads only its own contiguous slab of rows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hessmpi.errors import UsageError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Shard:
+    """One rank's rows of one split. x: (rows, d) host array; y: (rows,) int64;
+    offset: index of the first row in the file; total: rows of the split in the file."""
+
+    x: np.ndarray
+    y: np.ndarray
+    offset: int
+    total: int
+    n_classes: int
+    source: str
+
+
+def write_dataset(path: str | Path, train: tuple[np.ndarray, np.ndarray],
+                  test: tuple[np.ndarray, np.ndarray], *, source: str, description: str,
+                  n_classes: int) -> None:
+    """Write a dataset file atomically (a temporary name, then rename into place)."""
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(source=source, description=description, n_classes=int(n_classes),
+                           format_version=FORMAT_VERSION)
+            for split, (x, y) in (("train", train), ("test", test)):
+                g = f.create_group(split)
+                g.create_dataset("x", data=np.ascontiguousarray(x, dtype=np.float32))
+                g.create_dataset("y", data=np.asarray(y, dtype=np.int64))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def shard_bounds(total: int, rank: int, size: int, equal: bool) -> tuple[int, int]:
+    """Rows [start, stop) of ``rank``'s slab. ``equal``: every rank gets total // size rows
+    (the remainder is left out, so ranks step through epochs in lockstep); otherwise the
+    first total % size ranks get one row more, and every row is covered."""
+    if equal:
+        rows = total // size
+        return rank * rows, (rank + 1) * rows
+    base, extra = divmod(total, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def read_shard(path: str | Path, split: str, rank: int, size: int, *, equal: bool) -> Shard:
+    """Read ``rank``'s slab of ``split`` ("train" or "test"); raise UsageError naming the file
+    and the problem if it is missing, not HDF5, or not laid out as data/README.md says."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"dataset {path} does not exist (make one with 'hessmpi data ...')")
+    try:
+        with h5py.File(path, "r") as f:
+            for name in (f"{split}/x", f"{split}/y"):
+                if name not in f:
+                    raise UsageError(f"dataset {path} has no '{name}': not a hessmpi dataset "
+                                     "(see data/README.md)")
+            x, y = f[f"{split}/x"], f[f"{split}/y"]
+            if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+                raise UsageError(f"dataset {path}: {split}/x {x.shape} and {split}/y {y.shape} "
+                                 "must be (N, d) and (N,)")
+            n_classes = int(f.attrs.get("n_classes", 0))
+            if n_classes < 2:
+                raise UsageError(f"dataset {path}: root attribute n_classes missing or < 2")
+            start, stop = shard_bounds(x.shape[0], rank, size, equal)
+            xs = x[start:stop]
+            ys = y[start:stop].astype(np.int64)
+            source = str(f.attrs.get("source", "unknown"))
+    except UsageError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise UsageError(f"dataset {path} cannot be read: {e}") from None
+    if ys.size and (ys.min() < 0 or ys.max() >= n_classes):
+        raise UsageError(f"dataset {path}: {split}/y holds labels outside [0, {n_classes})")
+    if not np.isfinite(xs).all():
+        raise UsageError(f"dataset {path}: {split}/x holds non-finite values")
+    return Shard(x=xs, y=ys, offset=start, total=int(x.shape[0]), n_classes=n_classes,
+                 source=source)
+
+
+class Sampler:
+    """Minibatches of one rank's shard without replacement, reshuffled every epoch.
+
+    The order depends only on (seed, rank, epoch): epoch e visits the shard in the order
+    ``np.random.default_rng([seed, rank, e]).permutation(rows)``, ``batch_size`` rows at a
+    time; the last rows that do not fill a batch are skipped. State: (epoch, position).
+    """
+
+    def __init__(self, rows: int, batch_size: int, seed: int, rank: int):
+        if batch_size > rows:
+            raise UsageError(f"train.batch_size = {batch_size} is larger than the {rows} "
+                             "training rows of each rank's shard")
+        self.rows, self.batch_size, self.seed, self.rank = rows, batch_size, seed, rank
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.rank, epoch]).permutation(self.rows)
+
+    @property
+    def epochs_done(self) -> float:
+        """Fractional passes over the shard so far."""
+        return self.epoch + self.position / self.rows
+
+    def next(self) -> np.ndarray:
+        """Row indices (into the shard) of the next minibatch, shape (batch_size,)."""
+        if self.position + self.batch_size > self.rows:
+            self.epoch += 1
+            self.position = 0
+            self._order = self._permutation(self.epoch)
+        idx = self._order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return idx

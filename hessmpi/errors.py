@@ -1,0 +1,9 @@
+"""The two kinds of failure the command line distinguishes (CONTRACT.md: exit 2 and exit 1)."""
+
+
+class UsageError(Exception):
+    """Bad input from the user: a config key or value, a missing or damaged file. Exit status 2."""
+
+
+class RunFailed(Exception):
+    """A run that started and could not go on (non-finite loss, diverged ranks). Exit status 1."""

@@ -1,0 +1,40 @@
+"""``hessmpi info``: the versions and the machine a run would use."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def _version(module: str) -> str:
+    try:
+        mod = __import__(module)
+    except Exception as e:  # noqa: BLE001 - report why an optional module is missing
+        return f"not available ({type(e).__name__}: {e})"
+    return getattr(mod, "__version__", "unknown")
+
+
+def describe() -> str:
+    """A few lines: hessmpi, Python, numpy, h5py, mpi4py, the MPI library, BLAS, CuPy."""
+    import numpy  # noqa: F401 - loads the BLAS that threadpool_info reports
+    from mpi4py import MPI
+    from threadpoolctl import threadpool_info
+
+    import hessmpi
+
+    blas = "; ".join(f"{p.get('internal_api')} {p.get('version')} "
+                     f"({p.get('num_threads')} threads)"
+                     for p in threadpool_info() if p.get("user_api") == "blas")
+    lines = [
+        f"hessmpi   {hessmpi.__version__}",
+        f"python    {platform.python_version()} ({platform.machine()})",
+        f"numpy     {_version('numpy')}",
+        f"h5py      {_version('h5py')}",
+        f"mpi4py    {_version('mpi4py')}",
+        f"MPI       {' '.join(MPI.Get_library_version().splitlines()[0].split())} "
+        f"(standard {'.'.join(map(str, MPI.Get_version()))})",
+        f"BLAS      {blas or 'not detected'}",
+        f"cores     {len(os.sched_getaffinity(0))} available to this process",
+        f"cupy      {_version('cupy')}",
+    ]
+    return "\n".join(lines)

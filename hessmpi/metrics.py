@@ -1,0 +1,72 @@
+"""The results file OUT/metrics.h5 (layout in CONTRACT.md), written by rank 0 only.
+
+The file is opened, appended to and closed at every log interval, so between intervals it
+is a complete, closed HDF5 file that plain h5py, pandas or xarray can read while the run
+goes on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+#: Columns of /metrics, one row per logged step, and their dtypes.
+COLUMNS: dict[str, str] = {
+    "step": "i8",          # optimizer steps done when the row was logged
+    "epoch": "f8",         # passes over each rank's training shard
+    "wall_time": "f8",     # seconds since the start of training
+    "train_loss": "f8",    # global minibatch objective F at the step's parameters
+    "grad_evals": "i8",    # cumulative gradient evaluations per rank
+    "grad_norm": "f8",     # ||g_bar|| of the step
+    "step_norm": "f8",     # ||theta_new - theta_old|| of the step
+    "fallback": "i1",      # 1 if the step fell back to SGD
+    "rank_kept": "i4",     # curvature directions kept by the filter
+    "t_grad": "f8",        # seconds per step in gradient evaluation (rank 0, mean over interval)
+    "t_comm": "f8",        # seconds per step inside MPI collectives
+    "t_solve": "f8",       # seconds per step in the optimizer update
+    "bytes_sent": "i8",    # payload bytes per step handed to collectives by rank 0
+    "test_loss": "f8",     # mean test cross-entropy (NaN where not evaluated)
+    "test_acc": "f8",      # test accuracy in [0, 1] (NaN where not evaluated)
+}
+
+
+class MetricsFile:
+    """Create ``path`` with the root attributes ``attrs`` and empty columns."""
+
+    def __init__(self, path: str | Path, attrs: dict):
+        import h5py
+
+        self.path = Path(path)
+        with h5py.File(self.path, "w", locking=False) as f:
+            f.attrs.update(attrs)
+            f.attrs["status"] = "running"
+            g = f.create_group("metrics")
+            for name, dtype in COLUMNS.items():
+                g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
+                                 chunks=(1024,))
+
+    def append(self, rows: list[dict], **attrs) -> None:
+        """Append ``rows`` (dicts with every column) and set root attributes ``attrs``."""
+        import h5py
+
+        with h5py.File(self.path, "a", locking=False) as f:
+            g = f["metrics"]
+            if rows:
+                start = g["step"].shape[0]
+                for name, dtype in COLUMNS.items():
+                    d = g[name]
+                    d.resize((start + len(rows),))
+                    d[start:] = np.array([r[name] for r in rows], dtype=dtype)
+            f.attrs.update(attrs)
+
+
+def read_metrics(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(root attributes, {column: array}) of a metrics file; raises OSError or KeyError
+    if it is not one."""
+    import h5py
+
+    with h5py.File(path, "r", locking=False) as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        cols = {name: f["metrics"][name][()] for name in COLUMNS}
+    return attrs, cols

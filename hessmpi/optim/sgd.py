@@ -1,0 +1,44 @@
+"""SGD with momentum (heavy ball or Nesterov) and weight decay, in place on theta."""
+
+from __future__ import annotations
+
+from hessmpi.optim.info import StepInfo
+
+PLAIN_STEP = StepInfo()
+
+
+class SGD:
+    """With g = grad + weight_decay*theta:  v <- momentum*v + g;  theta <- theta - lr*d,
+    where d = v, or d = g + momentum*v for Nesterov (the PyTorch convention).
+
+    State: ``velocity`` (n,). ``last_step_norm``: ||lr*d|| of the last step.
+    """
+
+    grad_evals_per_step = 1
+
+    def __init__(self, theta, *, momentum: float, weight_decay: float, nesterov: bool):
+        self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
+        self.velocity = theta * 0
+        self._step = theta * 0
+
+    def state(self) -> dict:
+        """The arrays that a checkpoint must keep."""
+        return {"velocity": self.velocity}
+
+    def step(self, theta, grad, lr: float, x=None, y=None) -> StepInfo:
+        """One step in place; ``grad`` (n,) is the averaged gradient and is not modified;
+        the batch (x, y) is not needed."""
+        g = grad + self.weight_decay * theta if self.weight_decay else grad
+        v = self.velocity
+        v *= self.momentum
+        v += g
+        u = self._step
+        u[...] = g + self.momentum * v if self.nesterov else v
+        u *= lr
+        theta -= u
+        return PLAIN_STEP
+
+    @property
+    def last_step_norm(self) -> float:
+        u = self._step
+        return float((u @ u) ** 0.5)
