@@ -37,6 +37,13 @@ class Communicator:
         self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         self._count(buf.nbytes, t)
 
+    def allgather_(self, buf) -> None:
+        """In place: ``buf`` (P*b, ...) contiguous, this rank's block is rows
+        [rank*b, (rank+1)*b); afterwards every rank holds every rank's block."""
+        t = time.perf_counter()
+        self.comm.Allgather(MPI.IN_PLACE, buf)
+        self._count(buf.nbytes // self.size, t)
+
     def bcast_(self, buf, root: int = 0) -> None:
         """Overwrite ``buf`` on every rank with root's ``buf``."""
         t = time.perf_counter()

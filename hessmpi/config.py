@@ -48,9 +48,11 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "path": Option("data/digits.h5", "str", "HDF5 dataset file (groups train and test)"),
     },
     "optim": {
-        "name": Option("sgd", "str", "optimizer", choices=("sgd",)),
+        "name": Option("sgd", "str", "optimizer: data-parallel SGD, or SGD accelerated by the "
+                       "workers' secant pairs (ALGORITHM.md)", choices=("sgd", "secant")),
         "lr": Option(0.1, "float", "SGD learning rate eta", low=0.0, low_open=True),
-        "momentum": Option(0.9, "float", "SGD momentum", low=0.0, high=0.999999),
+        "momentum": Option(0.9, "float", "momentum (for secant: beta of the momentum on d)",
+                           low=0.0, high=0.999999),
         "nesterov": Option(False, "bool", "Nesterov momentum"),
         "weight_decay": Option(0.0, "float", "decoupled from the objective: added to the gradient",
                                low=0.0),
@@ -61,6 +63,30 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "decay_factor": Option(0.1, "float", "factor of each decay of the step schedule",
                                low=0.0, low_open=True, high=1.0),
         "min_lr": Option(0.0, "float", "final learning rate of the cosine schedule", low=0.0),
+        # --- the secant method (ALGORITHM.md sections 1-2) ---
+        "pairs": Option("probe", "str", "source of the secant pairs", choices=("probe", "local")),
+        "probe": Option("sgd", "str", "probe direction of pairs = probe",
+                        choices=("sgd", "random")),
+        "probe_lr": Option(0.0, "float", "eta_probe of the sgd probe (0: the step's lr)",
+                           low=0.0),
+        "probe_sigma": Option(1e-3, "float", "length of the random probe relative to "
+                              "max(||theta||, 1)", low=0.0, low_open=True),
+        "local_steps": Option(4, "int", "SGD gradient evaluations per synchronisation of "
+                              "pairs = local", low=2),
+        "pairs_per_rank": Option(1, "int", "k: pairs each rank adds per step", low=1),
+        "memory": Option(1, "int", "K: steps of pairs kept (ring buffer)", low=1),
+        "damping": Option(0.1, "float", "lam: Y <- Y + lam*S", low=0.0),
+        "curvature": Option("bfgs", "str", "step rule", choices=("bfgs", "lsq", "subspace")),
+        "curvature_tol": Option(1e-6, "float", "tau of the curvature filter", low=0.0),
+        "lsq_mu": Option(1e-12, "float", "mu of the lsq rule, relative to tr(Y^T Y)/m",
+                         low=0.0),
+        "h0": Option("lr", "str", "scale of the initial inverse Hessian", choices=("lr", "bb")),
+        "newton_lr": Option(0.2, "float", "alpha: step length along the secant direction",
+                            low=0.0, low_open=True),
+        "max_step_ratio": Option(10.0, "float", "clip ||d|| <= ratio * ||lr * g_bar||",
+                                 low=0.0, low_open=True),
+        "exchange": Option("allgather", "str", "how pairs move between ranks",
+                           choices=("allgather",)),
         "check_every": Option(100, "int", "steps between checks that all ranks hold identical "
                               "parameters (0: never)", low=0),
     },
@@ -179,7 +205,16 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> dict[str, dict[s
         if not sep or not dot:
             raise UsageError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=0.05")
         _merge(cfg, section, key, _parse_value(text.strip()), f"--set {item}")
+    _check_combinations(cfg)
     return cfg
+
+
+def _check_combinations(cfg: dict) -> None:
+    """Rules that involve several keys."""
+    o = cfg["optim"]
+    if o["name"] == "secant" and o["pairs"] == "local" and o["pairs_per_rank"] != 1:
+        raise UsageError(f"optim.pairs_per_rank = {o['pairs_per_rank']} is invalid with "
+                         "optim.pairs = 'local': each rank's drift gives one pair; use 1")
 
 
 def _toml_value(value: Any) -> str:
@@ -208,4 +243,5 @@ def from_toml(text: str) -> dict[str, dict[str, Any]]:
     for section, table in tomllib.loads(text).items():
         for key, value in table.items():
             _merge(cfg, section, key, value, "stored config")
+    _check_combinations(cfg)
     return cfg

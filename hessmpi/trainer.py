@@ -92,7 +92,8 @@ class Run:
         theta = self.model.init_params(tcfg["seed"])
         comm.bcast_(theta)
         self.theta = xp.asarray(theta)
-        self.optimizer = build_optimizer(cfg["optim"], self.theta, model=self.model, comm=comm)
+        self.optimizer = build_optimizer(cfg["optim"], self.theta, model=self.model, comm=comm,
+                                         draw_batch=self.next_batch, seed=tcfg["seed"])
         n = self.model.n_params
         self.buf = xp.zeros(n + 1, dtype=dtype)  # averaged gradient and loss: one Allreduce
         self.grad = self.buf[:n]
@@ -114,37 +115,46 @@ class Run:
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             })
 
+    def next_batch(self):
+        """This rank's next minibatch (x (B, d), y (B,)) from the deterministic sampler."""
+        idx = self.sampler.next()
+        return self.x_train[idx], self.y_train[idx]
+
     def step(self, step: int, interval: Interval) -> tuple[float, StepInfo]:
         """Optimizer step number ``step`` (0-based): returns the global minibatch objective
         at the parameters it started from, and what the optimizer reported."""
-        comm, n = self.comm, self.model.n_params
-        idx = self.sampler.next()
-        xb, yb = self.x_train[idx], self.y_train[idx]
+        comm, n, ocfg = self.comm, self.model.n_params, self.cfg["optim"]
+        lr = learning_rate(step, lr=ocfg["lr"], schedule=ocfg["schedule"],
+                           warmup_steps=ocfg["warmup_steps"], decay_every=ocfg["decay_every"],
+                           decay_factor=ocfg["decay_factor"], min_lr=ocfg["min_lr"],
+                           total_steps=self.cfg["train"]["steps"])
+        xb, yb = self.next_batch()
+        comm_before, bytes_before = comm.seconds, comm.bytes_sent
         t0 = time.perf_counter()
         self.buf[n] = self.model.loss_grad(self.theta, xb, yb, self.grad)
         t1 = time.perf_counter()
-        comm_before, bytes_before = comm.seconds, comm.bytes_sent
+        t_probe = self.optimizer.observe(self.theta, self.grad, lr, xb, yb)
         comm.allreduce_sum_(self.buf)
         self.buf /= comm.size
         loss = float(self.buf[n])
         if not math.isfinite(loss):
             raise RunFailed(f"the training loss is {loss} at step {step + 1} "
                             "(the run diverged: lower optim.lr)")
-        ocfg = self.cfg["optim"]
-        lr = learning_rate(step, lr=ocfg["lr"], schedule=ocfg["schedule"],
-                           warmup_steps=ocfg["warmup_steps"], decay_every=ocfg["decay_every"],
-                           decay_factor=ocfg["decay_factor"], min_lr=ocfg["min_lr"],
-                           total_steps=self.cfg["train"]["steps"])
         info = self.optimizer.step(self.theta, self.grad, lr, xb, yb)
         t2 = time.perf_counter()
         self.grad_evals += self.optimizer.grad_evals_per_step
         comm_time = comm.seconds - comm_before
         interval.steps += 1
-        interval.t_grad += (t1 - t0) + info.t_grad
+        interval.t_grad += (t1 - t0) + t_probe
         interval.t_comm += comm_time
-        interval.t_solve += (t2 - t1) - comm_time - info.t_grad
+        interval.t_solve += (t2 - t1) - t_probe - comm_time
         interval.bytes_sent += comm.bytes_sent - bytes_before
         return loss, info
+
+    def optimizer_counters(self) -> dict:
+        """Root attributes for the optimizer's counters (fallback reasons), if it has any."""
+        counters = getattr(self.optimizer, "counters", None)
+        return {"fallback_reasons": counters()} if counters else {}
 
     def check_consistency(self, done: int) -> None:
         """Stop on every rank if the ranks' parameter vectors are not bitwise identical."""
@@ -202,7 +212,7 @@ class Run:
             }
             interval = Interval()
             if self.metrics is not None:
-                self.metrics.append([row], steps_done=done)
+                self.metrics.append([row], steps_done=done, **self.optimizer_counters())
                 progress.update(done, f"loss {loss:.4g}"
                                 + (f" test_acc {test_acc:.4f}" if evaluated else ""))
         wall = time.perf_counter() - started

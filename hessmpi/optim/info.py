@@ -8,9 +8,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class StepInfo:
     """What one optimizer step reports for the metrics: fallback (0/1) to the SGD step and
-    its reason, curvature directions kept, and seconds spent in extra gradient evaluations."""
+    its reason, and the curvature directions kept."""
 
     fallback: int = 0
     reason: str | None = None
     rank_kept: int = 0
-    t_grad: float = 0.0

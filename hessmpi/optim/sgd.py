@@ -25,6 +25,10 @@ class SGD:
         """The arrays that a checkpoint must keep."""
         return {"velocity": self.velocity}
 
+    def observe(self, theta, grad, lr: float, x, y) -> float:
+        """Nothing to do before the Allreduce; no gradient evaluations (0 seconds)."""
+        return 0.0
+
     def step(self, theta, grad, lr: float, x=None, y=None) -> StepInfo:
         """One step in place; ``grad`` (n,) is the averaged gradient and is not modified;
         the batch (x, y) is not needed."""

@@ -1,0 +1,122 @@
+"""The quasi-Newton direction from the small Gram matrix: a pure function (ALGORITHM.md s.2).
+
+The direction d is a combination of the averaged gradient g and the pair columns S, Y:
+
+    d = c_g * g + S c_s + Y c_y,
+
+so everything but the final combination over n works on the Gram matrix of W = [g S Y]
+alone, an (2m+1) x (2m+1) matrix. :func:`direction` returns the coefficients; the caller
+combines them over n (one matrix-vector product with W). Written against the array module
+``xp``; the small system is solved in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: Why a step fell back to the SGD step u = eta * g.
+FALLBACK_REASONS = ("no_pairs", "no_curvature", "not_finite", "not_descent", "solve_failed")
+
+
+@dataclass
+class Direction:
+    """coef_g: scalar; coef_s, coef_y: (m,) float64 arrays; kept: directions kept by the
+    curvature filter; reason: None, or why the SGD step must be taken instead (then the
+    coefficients are meaningless); clipped: whether ||d|| was scaled down to the clip;
+    g_dot_d, d_norm: g^T d and ||d|| after the clip, from the Gram matrix."""
+
+    coef_g: float
+    coef_s: Any
+    coef_y: Any
+    kept: int
+    reason: str | None = None
+    clipped: bool = False
+    g_dot_d: float = 0.0
+    d_norm: float = 0.0
+
+
+def _fallback(xp, m: int, reason: str, kept: int = 0) -> Direction:
+    zeros = xp.zeros(m, dtype=xp.float64)
+    return Direction(0.0, zeros, zeros, kept, reason)
+
+
+def direction(gram, s_idx, y_idx, g_idx: int, *, eta: float, curvature: str,
+              curvature_tol: float, h0: str, lsq_mu: float, max_step_ratio: float,
+              xp: Any) -> Direction:
+    """The step direction of ALGORITHM.md section 2 from the Gram matrix of the rows of W.
+
+    gram: (r, r) Gram matrix of W's rows; s_idx, y_idx: (m,) integer indices of the S and Y
+    rows (pair j is rows s_idx[j], y_idx[j]); g_idx: index of the g row. eta: the SGD
+    learning rate (h0 = "lr" and the clip use it). curvature: "bfgs" | "lsq" | "subspace".
+    curvature_tol: tau of the filter. h0: "lr" | "bb". lsq_mu: mu of "lsq" relative to
+    tr(Y^T Y)/m. max_step_ratio: clip ||d|| <= max_step_ratio * ||eta g||.
+    """
+    if curvature not in ("bfgs", "lsq", "subspace"):
+        raise ValueError(f"unknown curvature rule {curvature!r}")
+    m = len(s_idx)
+    if m == 0:
+        return _fallback(xp, 0, "no_pairs")
+    G = xp.asarray(gram, dtype=xp.float64)
+    if not bool(xp.isfinite(G).all()):
+        return _fallback(xp, m, "not_finite")
+    ss = G[s_idx[:, None], s_idx]
+    sy = G[s_idx[:, None], y_idx]          # S^T Y
+    yy = G[y_idx[:, None], y_idx]
+    sg, yg, gg = G[s_idx, g_idx], G[y_idx, g_idx], float(G[g_idx, g_idx])
+
+    try:
+        lam, Q = xp.linalg.eigh(0.5 * (sy + sy.T))
+    except np.linalg.LinAlgError:
+        return _fallback(xp, m, "solve_failed")
+    top = float(lam.max())
+    keep = (lam > curvature_tol * top) & (lam > 0)
+    kept = int(keep.sum())
+    if kept == 0:
+        return _fallback(xp, m, "no_curvature")
+    Qk, lk = Q[:, keep], lam[keep]       # rotated pairs S' = S Qk, Y' = Y Qk; sym(S'^T Y') = diag(lk)
+    sg_k, yg_k = Qk.T @ sg, Qk.T @ yg
+    yy_k = Qk.T @ yy @ Qk
+    h = eta if h0 == "lr" else float(lk.sum() / xp.trace(yy_k))
+    try:
+        if curvature == "bfgs":
+            a = sg_k / lk
+            c = (yg_k - yy_k @ a) / lk
+            coef_s, coef_y = Qk @ (a - h * c), Qk @ (-h * a)
+        elif curvature == "lsq":
+            mu = lsq_mu * float(xp.trace(yy)) / m
+            b = xp.linalg.solve(yy_k + mu * xp.eye(kept), yg_k)
+            coef_s, coef_y = Qk @ b, Qk @ (-h * b)
+        elif curvature == "subspace":
+            ss_k = Qk.T @ ss @ Qk
+            # (I - P_S) g with P_S the orthogonal projector on span(S'): a pseudo-inverse on
+            # the eigenbasis of S'^T S' keeps it stable when S' is nearly rank-deficient.
+            w, V = xp.linalg.eigh(ss_k)
+            w_inv = xp.where(w > 1e-12 * float(w.max()), 1.0 / xp.where(w > 0, w, 1.0), 0.0)
+            proj = V @ (w_inv * (V.T @ sg_k))
+            coef_s, coef_y = Qk @ (sg_k / lk - h * proj), xp.zeros(m, dtype=xp.float64)
+    except np.linalg.LinAlgError:  # CuPy raises NumPy's LinAlgError too
+        return _fallback(xp, m, "solve_failed", kept)
+    coef_g = h
+
+    coef = xp.concatenate([xp.asarray([coef_g]), coef_s, coef_y])
+    idx = xp.concatenate([xp.asarray([g_idx]), s_idx, y_idx])
+    sub = G[idx[:, None], idx]
+    d_norm2 = float(coef @ sub @ coef)
+    g_dot_d = float(coef_g * gg + coef_s @ sg + coef_y @ yg)
+    if not (bool(xp.isfinite(coef).all()) and math.isfinite(d_norm2)
+            and math.isfinite(g_dot_d)):
+        return _fallback(xp, m, "not_finite", kept)
+    if g_dot_d <= 0:
+        return _fallback(xp, m, "not_descent", kept)
+    d_norm = max(d_norm2, 0.0) ** 0.5
+    limit = max_step_ratio * eta * gg ** 0.5
+    clipped = d_norm > limit
+    if clipped:
+        scale = limit / d_norm
+        coef_g, coef_s, coef_y = coef_g * scale, coef_s * scale, coef_y * scale
+        g_dot_d, d_norm = g_dot_d * scale, limit
+    return Direction(coef_g, coef_s, coef_y, kept, None, clipped, g_dot_d, d_norm)

@@ -1,0 +1,209 @@
+"""The secant optimizer (ALGORITHM.md sections 1-2): pairs from the workers, one Allgather,
+an incrementally updated Gram matrix, and the quasi-Newton step of :mod:`quasi_newton`.
+
+All pairs and the averaged gradient live as rows of one contiguous buffer
+
+    W (1 + 2*P*k*K, n):  row 0 = g_bar, then K ring slots of 2*P*k rows each; in a slot,
+                          rank r owns rows [2*k*r, 2*k*(r+1)): its k s-rows, then its k y-rows.
+
+so that one in-place Allgather fills a slot, the memory never moves, the Gram update reads
+W once, and d = c @ W is one matrix-vector product. Nothing of size n is allocated per step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from hessmpi.optim.info import StepInfo
+from hessmpi.optim.quasi_newton import FALLBACK_REASONS, direction
+
+#: Bytes of W one block of the blocked Gram product covers; small enough for the L2 cache.
+GRAM_BLOCK_BYTES = 1 << 18
+
+
+class Secant:
+    """Options are the ``[optim]`` keys of ALGORITHM.md section 2; ``model`` gives gradients
+    for the probes, ``comm`` the collectives, ``draw_batch`` the next minibatch of this rank
+    (used by ``pairs = "local"``), ``seed`` seeds the random probes."""
+
+    def __init__(self, theta, *, model, comm, draw_batch, seed: int, opts: dict):
+        self.model, self.comm, self.draw_batch, self.seed = model, comm, draw_batch, seed
+        self.o = opts
+        xp = self.xp = model.xp
+        n, P = theta.shape[0], comm.size
+        self.k = opts["pairs_per_rank"]
+        self.slot_rows = 2 * P * self.k
+        self.slots = opts["memory"]
+        self.m = P * self.k * self.slots
+        self.W = xp.zeros((1 + self.slot_rows * self.slots, n), dtype=theta.dtype)
+        self.gram = xp.zeros((self.W.shape[0],) * 2, dtype=theta.dtype)
+        self.velocity = theta * 0
+        self.work = theta * 0          # theta at the probe / drifted theta; then the step u
+        self.filled = 0                # ring slots holding pairs
+        self.next_slot = 0
+        self.steps = 0
+        self.counts = dict.fromkeys((*FALLBACK_REASONS, "clipped"), 0)
+        block = max(1, GRAM_BLOCK_BYTES // (self.W.shape[0] * self.W.itemsize))
+        self.gram_block = n if xp.__name__ != "numpy" else block
+        extra = self.k if opts["pairs"] == "probe" else opts["local_steps"] - 1
+        if opts["pairs"] == "probe" and opts["probe"] == "sgd" and self.k > 1:
+            extra += 1                 # the k sub-batch gradients cost one gradient in all
+        self.grad_evals_per_step = 1 + extra
+        self._noise = (np.empty(n) if opts["pairs"] == "probe" and opts["probe"] == "random"
+                       else None)   # host buffer of the random probe directions
+
+    # ----- state ------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """The arrays that a checkpoint must keep."""
+        return {"velocity": self.velocity, "W": self.W, "gram": self.gram,
+                "ring": np.array([self.filled, self.next_slot, self.steps])}
+
+    def counters(self) -> str:
+        """Fallbacks by reason and clipped steps so far, as JSON text."""
+        return json.dumps(self.counts)
+
+    @property
+    def last_step_norm(self) -> float:
+        """||theta_new - theta_old|| of the last step (= ||velocity||)."""
+        return float(self.xp.linalg.norm(self.velocity))
+
+    def _slot(self, t: int):
+        start = 1 + t * self.slot_rows
+        return self.W[start:start + self.slot_rows]
+
+    def _my_rows(self, t: int):
+        """(s rows (k, n), y rows (k, n)) of this rank in slot t."""
+        block = self._slot(t)[2 * self.k * self.comm.rank: 2 * self.k * (self.comm.rank + 1)]
+        return block[:self.k], block[self.k:]
+
+    # ----- before the Allreduce: this rank's pairs ------------------------------------------
+    def observe(self, theta, grad, lr: float, x, y) -> float:
+        """Form this rank's k pairs from its local gradient ``grad`` (n,) on batch (x, y) at
+        ``theta``; for ``pairs = "local"`` drift first, replacing ``grad`` by the gradient at
+        the drifted point. Returns the seconds spent in gradient evaluations."""
+        s_rows, y_rows = self._my_rows(self.next_slot)
+        if self.o["pairs"] == "local":
+            return self._drift(theta, grad, lr, s_rows, y_rows)
+        xp, model = self.xp, self.model
+        seconds = 0.0
+        if self.o["probe"] == "sgd":
+            eta_p = self.o["probe_lr"] or lr
+            if self.k == 1:
+                xp.multiply(grad, -eta_p, out=s_rows[0])
+            else:
+                t = time.perf_counter()
+                for j, part in enumerate(np.array_split(np.arange(len(y)), self.k)):
+                    model.loss_grad(theta, x[part], y[part], s_rows[j])
+                    s_rows[j] *= -eta_p
+                seconds += time.perf_counter() - t
+        else:
+            scale = self.o["probe_sigma"] * max(float(xp.linalg.norm(theta)), 1.0)
+            rng = np.random.default_rng([self.seed, self.comm.rank, self.steps])
+            xi = self._noise
+            for j in range(self.k):
+                rng.standard_normal(out=xi)
+                xi *= scale / np.linalg.norm(xi)
+                s_rows[j][...] = xp.asarray(xi)
+        for j in range(self.k):
+            xp.add(theta, s_rows[j], out=self.work)
+            t = time.perf_counter()
+            model.loss_grad(self.work, x, y, y_rows[j])
+            seconds += time.perf_counter() - t
+            y_rows[j] -= grad
+        return seconds
+
+    def _drift(self, theta, grad, lr, s_rows, y_rows) -> float:
+        """``local``: local_steps - 1 SGD steps on own minibatches from theta; s-row holds the
+        drifted point, y-row and ``grad`` its gradient (made relative to the average later)."""
+        seconds = 0.0
+        point = s_rows[0]
+        point[...] = theta
+        for _ in range(self.o["local_steps"] - 1):
+            self.xp.multiply(grad, lr, out=self.work)
+            point -= self.work
+            xb, yb = self.draw_batch()
+            t = time.perf_counter()
+            self.model.loss_grad(point, xb, yb, grad)
+            seconds += time.perf_counter() - t
+        y_rows[0] = grad
+        return seconds
+
+    # ----- after the Allreduce: exchange, Gram, step --------------------------------------
+    def step(self, theta, grad, lr: float, x=None, y=None) -> StepInfo:
+        """Exchange the pairs, update the Gram matrix, take the step (theta in place);
+        ``grad`` (n,) is the averaged gradient."""
+        xp, o, W = self.xp, self.o, self.W
+        slot_index = self.next_slot
+        s_rows, y_rows = self._my_rows(slot_index)
+        if o["pairs"] == "local":
+            # theta_avg = mean of the drifted points; pairs relative to the averages.
+            xp.copyto(self.work, s_rows[0])
+            self.comm.allreduce_sum_(self.work)
+            self.work /= self.comm.size
+            s_rows[0] -= self.work
+            y_rows[0] -= grad
+            theta[...] = self.work
+        if o["damping"]:
+            for j in range(self.k):
+                xp.multiply(s_rows[j], o["damping"], out=self.work)
+                y_rows[j] += self.work
+        slot = self._slot(slot_index)
+        self.comm.allgather_(slot)
+        W[0] = grad
+        self.next_slot = (slot_index + 1) % self.slots
+        self.filled = min(self.filled + 1, self.slots)
+        self._update_gram(slot_index)
+
+        active = 1 + self.filled * self.slot_rows
+        # rows of each slot: per rank, k s-rows then k y-rows
+        rows = np.arange(1, active).reshape(self.filled, self.comm.size, 2, self.k)
+        s_idx, y_idx = rows[:, :, 0].ravel(), rows[:, :, 1].ravel()
+        d = direction(self.gram[:active, :active], s_idx, y_idx, 0, eta=lr,
+                      curvature=o["curvature"], curvature_tol=o["curvature_tol"], h0=o["h0"],
+                      lsq_mu=o["lsq_mu"], max_step_ratio=o["max_step_ratio"], xp=xp)
+        u = self.work
+        if d.reason is None:
+            coef = xp.zeros(active, dtype=xp.float64)
+            coef[0] = d.coef_g
+            coef[s_idx] = d.coef_s
+            coef[y_idx] = d.coef_y
+            coef *= o["newton_lr"]
+            xp.matmul(coef.astype(W.dtype), W[:active], out=u)
+            self.counts["clipped"] += d.clipped
+        else:
+            xp.multiply(grad, lr, out=u)
+            self.counts[d.reason] += 1
+        v = self.velocity
+        v *= o["momentum"]
+        v += u
+        theta -= v
+        self.steps += 1
+        return StepInfo(fallback=int(d.reason is not None), reason=d.reason, rank_kept=d.kept)
+
+    def _update_gram(self, slot_index: int) -> None:
+        """Recompute the Gram rows and columns of the g row and of ring slot ``slot_index``
+        against every active row: one blocked pass over W (rows read from cache)."""
+        xp, W = self.xp, self.W
+        active = 1 + self.filled * self.slot_rows
+        start = 1 + slot_index * self.slot_rows
+        new = np.concatenate([[0], np.arange(start, start + self.slot_rows)])
+        out = xp.zeros((len(new), active), dtype=W.dtype)
+        n, b = W.shape[1], self.gram_block
+        for c in range(0, n, b):
+            block = W[:active, c:c + b]
+            out += block[new] @ block.T
+        self.gram[new, :active] = out
+        self.gram[:active, new] = out.T
+
+
+def secant_options(optim_cfg: dict) -> dict[str, Any]:
+    """The keys of ``[optim]`` the secant optimizer reads."""
+    keys = ("pairs", "probe", "probe_lr", "probe_sigma", "local_steps", "pairs_per_rank",
+            "memory", "damping", "curvature", "curvature_tol", "lsq_mu", "h0", "newton_lr",
+            "momentum", "max_step_ratio")
+    return {k: optim_cfg[k] for k in keys}
+
