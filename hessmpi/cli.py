@@ -1,7 +1,8 @@
 """The command line: ``hessmpi train | report | data | info``.
 
 Exit status: 0 success; 2 usage or configuration error (one message, no traceback); 1 a run
-that failed. Under MPI an unexpected exception on any rank prints one line naming the rank
+that failed; 75 a run stopped by SIGTERM/SIGUSR1 after writing a checkpoint (resume it).
+Under MPI an unexpected exception on any rank prints one line naming the rank
 and the cause and ends every rank with MPI_Abort, so no rank is left waiting.
 Set HESSMPI_TRACEBACK=1 to see the full traceback of such an exception.
 """
@@ -16,7 +17,10 @@ from datetime import datetime
 from pathlib import Path
 
 from hessmpi import __version__
-from hessmpi.errors import RunFailed, UsageError
+from hessmpi.errors import RunFailed, RunStopped, UsageError
+
+#: Exit status of a run stopped by SIGTERM/SIGUSR1 after its checkpoint (EX_TEMPFAIL).
+EXIT_STOPPED = 75
 
 
 def _error(message: str) -> None:
@@ -36,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a configuration key (repeatable)")
     t.add_argument("--out", type=Path,
                    help="run directory (default: runs/DATE-TIME-MODEL-OPTIMIZER)")
+    t.add_argument("--resume", type=Path, metavar="OUT",
+                   help="continue the run in directory OUT from its newest valid checkpoint "
+                        "(--set train.steps=N extends it)")
 
     r = sub.add_parser("report", help="a table over finished or running runs")
     r.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories")
@@ -83,15 +90,23 @@ def _train(args) -> int:
 
     comm = Communicator(MPI.COMM_WORLD)
     try:
-        cfg = comm.collectively(config.load, args.config, args.set)
+        resume = None
+        if args.resume is not None:
+            if args.config is not None or args.out is not None:
+                raise UsageError("--resume OUT continues the run in OUT with its own config: "
+                                 "give no --config or --out with it")
+            cfg, resume = _resumable(comm, args.resume, args.set)
+            out = args.resume
+        else:
+            cfg = comm.collectively(config.load, args.config, args.set)
+            out = comm.bcast(args.out or _default_out(cfg))
         bcfg = cfg["backend"]
         threads = bcfg["threads"] or node_blas_threads(comm.comm)
         backend = comm.collectively(make_backend, bcfg["device"], bcfg["dtype"], threads)
-        out = comm.bcast(args.out or _default_out(cfg))
 
         from hessmpi.trainer import Run
 
-        summary = Run(cfg, comm, backend, out).run()
+        summary = Run(cfg, comm, backend, out, resume=resume).run()
     except UsageError as e:
         if comm.rank == 0:
             _error(str(e))
@@ -100,6 +115,10 @@ def _train(args) -> int:
         if comm.rank == 0:
             _error(f"run failed: {e}")
         return 1
+    except RunStopped as e:
+        if comm.rank == 0:
+            print(f"hessmpi: {e}", file=sys.stderr, flush=True)
+        return EXIT_STOPPED
     except BaseException as e:  # noqa: BLE001 - any other failure must end every rank
         if os.environ.get("HESSMPI_TRACEBACK"):
             traceback.print_exc()
@@ -116,6 +135,41 @@ def _train(args) -> int:
               f"test accuracy {summary['test_acc']:.4f}; results in {out}/metrics.h5",
               flush=True)
     return 0
+
+
+def _resumable(comm, out: Path, overrides: list[str]):
+    """(config, (arrays, attrs)) to resume run directory ``out``: rank 0 picks the newest
+    checkpoint that verifies and belongs to this run (same model, data and optimizer as the
+    run's metrics.h5), every rank reads it; ``overrides`` apply on top of its config."""
+    from hessmpi import config
+    from hessmpi.checkpoint import CheckpointError, newest_valid, read_checkpoint
+    from hessmpi.metrics import read_metrics
+
+    def pick() -> Path | None:
+        if comm.rank != 0:
+            return None
+        config.check_resume_overrides(overrides)
+        try:
+            own = config.from_toml(read_metrics(out / "metrics.h5")[0]["config"])
+        except (OSError, KeyError, ValueError) as e:
+            raise UsageError(f"{out} holds no readable run to resume (metrics.h5: {e})") from None
+
+        def accept(path, attrs):
+            differ = config.fixed_keys_differ(config.from_toml(attrs["config"]), own)
+            if differ:
+                raise CheckpointError(f"{path} belongs to another run ({', '.join(differ)} "
+                                      "differ from this run's metrics.h5)")
+
+        return newest_valid(out, accept, warn=lambda m: print(f"hessmpi: warning: {m}",
+                                                              file=sys.stderr, flush=True))
+
+    path = comm.bcast(comm.collectively(pick))
+    arrays, attrs = comm.collectively(read_checkpoint, path)
+    cfg = comm.collectively(config.load, None, overrides,
+                            base=config.from_toml(attrs["config"]))
+    if comm.rank == 0:
+        print(f"hessmpi: resuming {out} from {path.name} (step {attrs['step']})", flush=True)
+    return cfg, (arrays, attrs)
 
 
 def _data(args) -> int:

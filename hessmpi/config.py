@@ -99,6 +99,11 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "eval_every": Option(100, "int", "steps between test-set evaluations (0: only at the end)",
                              low=0),
     },
+    "checkpoint": {
+        "every": Option(0, "int", "steps between checkpoints (0: only at the end and on "
+                        "SIGTERM/SIGUSR1)", low=0),
+        "keep": Option(3, "int", "how many of the newest checkpoints to keep", low=1),
+    },
     "backend": {
         "device": Option("auto", "str", "array backend device", choices=("auto", "cpu", "gpu")),
         "dtype": Option("float32", "str", "floating-point type of parameters and data",
@@ -180,9 +185,11 @@ def _merge(cfg: dict, section: str, key: str, value: Any, where: str) -> None:
     cfg[section][key] = _coerce(f"{section}.{key}", SCHEMA[section][key], value)
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> dict[str, dict[str, Any]]:
-    """Defaults, then the TOML file at ``path`` (if any), then ``section.key=value`` overrides."""
-    cfg = defaults()
+def load(path: str | Path | None, overrides: list[str] = (),
+         base: dict | None = None) -> dict[str, dict[str, Any]]:
+    """``base`` (default: the defaults), then the TOML file at ``path`` (if any), then
+    ``section.key=value`` overrides."""
+    cfg = copy.deepcopy(base) if base is not None else defaults()
     if path is not None:
         path = Path(path)
         try:
@@ -207,6 +214,29 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> dict[str, dict[s
         _merge(cfg, section, key, _parse_value(text.strip()), f"--set {item}")
     _check_combinations(cfg)
     return cfg
+
+
+#: Keys that fix the model, the data, or the shape of the optimizer state: a resumed run
+#: must keep them.
+FIXED_ON_RESUME = ("model.name", "model.hidden", "model.activation", "model.l2", "data.path",
+                   "backend.dtype", "train.seed", "train.batch_size", "optim.name",
+                   "optim.pairs", "optim.probe", "optim.pairs_per_rank", "optim.memory")
+
+
+def fixed_keys_differ(a: dict, b: dict) -> list[str]:
+    """The FIXED_ON_RESUME keys whose values differ between configurations a and b."""
+    return [k for k in FIXED_ON_RESUME
+            if a[k.split(".")[0]][k.split(".")[1]] != b[k.split(".")[0]][k.split(".")[1]]]
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    """Refuse ``--set`` overrides of a resumed run that would change its model or data."""
+    for item in overrides:
+        name = item.partition("=")[0].strip()
+        if name in FIXED_ON_RESUME:
+            raise UsageError(f"--set {item}: {name} cannot change when a run is resumed "
+                             "(it fixes the model, the data or the optimizer state); start a "
+                             "new run instead")
 
 
 def _check_combinations(cfg: dict) -> None:

@@ -121,6 +121,11 @@ class Sampler:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, self.rank, epoch]).permutation(self.rows)
 
+    def restore(self, epoch: int, position: int) -> None:
+        """Continue from state (epoch, position), as saved in a checkpoint."""
+        self.epoch, self.position = epoch, position
+        self._order = self._permutation(epoch)
+
     @property
     def epochs_done(self) -> float:
         """Fractional passes over the shard so far."""

@@ -7,3 +7,8 @@ class UsageError(Exception):
 
 class RunFailed(Exception):
     """A run that started and could not go on (non-finite loss, diverged ranks). Exit status 1."""
+
+
+class RunStopped(Exception):
+    """A run stopped on request (SIGTERM, SIGUSR1) after writing a checkpoint; it can be
+    resumed. Exit status 75 (EX_TEMPFAIL: try again)."""

@@ -46,6 +46,24 @@ class MetricsFile:
                 g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
                                  chunks=(1024,))
 
+    @classmethod
+    def reopen(cls, path: str | Path, step: int, attrs: dict) -> MetricsFile:
+        """Continue a run's file after a resume from ``step``: rows after that step (written
+        after the checkpoint) are dropped, ``attrs`` updated, status back to running."""
+        import h5py
+
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        with h5py.File(self.path, "a", locking=False) as f:
+            g = f["metrics"]
+            keep = int(np.searchsorted(g["step"][()], step, side="right"))
+            for name in COLUMNS:
+                g[name].resize((keep,))
+            resumed = list(f.attrs.get("resumed_at", [])) + [step]
+            f.attrs.update(attrs)
+            f.attrs.update(status="running", resumed_at=resumed)
+        return self
+
     def append(self, rows: list[dict], **attrs) -> None:
         """Append ``rows`` (dicts with every column) and set root attributes ``attrs``."""
         import h5py

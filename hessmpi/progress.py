@@ -8,17 +8,18 @@ import time
 
 
 class Progress:
-    """Report ``update(step, text)`` calls for a run of ``total`` steps to ``stream``."""
+    """Report ``update(step, text)`` calls for a run of ``total`` steps, starting after step
+    ``first`` (a resumed run), to ``stream``."""
 
-    def __init__(self, total: int, stream=None, width: int = 30):
-        self.total, self.width = total, width
+    def __init__(self, total: int, stream=None, width: int = 30, first: int = 0):
+        self.total, self.width, self.first = total, width, first
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.started = time.perf_counter()
 
     def update(self, step: int, text: str) -> None:
         elapsed = time.perf_counter() - self.started
-        rate = step / elapsed if elapsed > 0 else 0.0
+        rate = (step - self.first) / elapsed if elapsed > 0 else 0.0
         if self.tty:
             filled = int(self.width * step / self.total)
             bar = "#" * filled + "-" * (self.width - filled)

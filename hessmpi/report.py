@@ -31,11 +31,13 @@ def summarize(run: Path) -> dict:
         attrs, cols = read_metrics(path)
         cfg = config_mod.from_toml(attrs["config"])
     except (OSError, KeyError, ValueError, UsageError) as e:
-        raise UsageError(f"{run}: metrics.h5 is damaged or not a hessmpi results file ({e})")
+        raise UsageError(f"{run}: metrics.h5 is damaged or not a hessmpi results file "
+                         f"({e})") from None
     ocfg = cfg["optim"]
     method = f"{ocfg['name']} lr={ocfg['lr']:g} mom={ocfg['momentum']:g}"
     steps = int(cols["step"][-1]) if len(cols["step"]) else 0
-    median_ms = (lambda c: float(np.median(cols[c])) * 1e3 if len(cols[c]) else math.nan)
+    def median_ms(c):
+        return (float(np.median(cols[c])) * 1e3 if len(cols[c]) else math.nan)
     return {
         "run": str(run), "method": method, "ranks": int(attrs.get("mpi_size", 0)),
         "batch": cfg["train"]["batch_size"], "backend": attrs.get("backend", "?"),

@@ -1,18 +1,21 @@
 """The SPMD training loop: batch -> gradient -> one Allreduce -> optimizer step -> metrics.
 
-Every rank runs :func:`train` with the same configuration. Decisions that must be the same
-everywhere (stop on a non-finite loss, parameters drifting apart) are taken on reduced
-values, so no rank takes a branch the others do not.
+Every rank builds a :class:`Run` with the same configuration and calls ``run()``.
+Decisions that must be the same everywhere (stop on a non-finite loss or a signal,
+parameters drifting apart) are taken on reduced values, so no rank takes a branch the
+others do not.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import signal
 import socket
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +23,10 @@ import numpy as np
 from hessmpi import __version__
 from hessmpi import config as config_mod
 from hessmpi.backend import Backend
+from hessmpi.checkpoint import CheckpointError, checkpoint_path, prune, write_checkpoint
 from hessmpi.comm import Communicator
 from hessmpi.data import Sampler, read_shard
-from hessmpi.errors import RunFailed, UsageError
+from hessmpi.errors import RunFailed, RunStopped, UsageError
 from hessmpi.metrics import MetricsFile
 from hessmpi.models import build_model
 from hessmpi.optim import StepInfo, build_optimizer
@@ -49,11 +53,16 @@ class Interval:
         return getattr(self, name) / max(self.steps, 1)
 
 
-def prepare_output(comm: Communicator, out: Path) -> None:
+def prepare_output(comm: Communicator, out: Path, resuming: bool) -> None:
     """Create the run directory on rank 0; refuse to overwrite an earlier run's results."""
     if comm.rank == 0:
+        if resuming:
+            if not (out / "metrics.h5").is_file():
+                raise UsageError(f"{out} holds no run to resume (no metrics.h5)")
+            return
         if (out / "metrics.h5").exists():
-            raise UsageError(f"{out} already holds a run (metrics.h5); choose another --out")
+            raise UsageError(f"{out} already holds a run (metrics.h5); choose another --out "
+                             f"or continue it with --resume {out}")
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -68,39 +77,59 @@ def evaluate(model, comm: Communicator, theta, x, y) -> tuple[float, float]:
     return totals[0] / totals[2], totals[1] / totals[2]
 
 
+def model_signature(cfg: dict, n_features: int, n_classes: int, n_params: int) -> str:
+    """What a checkpoint must match to be loaded into this run: model, data shape, optimizer."""
+    o = cfg["optim"]
+    return json.dumps({"model": cfg["model"], "n_features": n_features,
+                       "n_classes": n_classes, "n_params": n_params, "dtype":
+                       cfg["backend"]["dtype"], "optim": o["name"]}, sort_keys=True)
+
+
 class Run:
     """One training run on this rank: data shards, model, optimizer, buffers, metrics file.
 
     Built by every rank with the same ``cfg``; raises UsageError on every rank alike for
-    bad input. ``run()`` trains and returns a summary dict.
+    bad input. ``resume``: (arrays, attrs) of a verified checkpoint to continue from.
+    ``run()`` trains and returns a summary dict.
     """
 
-    def __init__(self, cfg: dict, comm: Communicator, backend: Backend, out: Path):
+    def __init__(self, cfg: dict, comm: Communicator, backend: Backend, out: Path, *,
+                 resume: tuple[dict, dict] | None = None):
         self.cfg, self.comm, self.backend, self.out = cfg, comm, backend, out
         xp, dtype = backend.xp, backend.dtype
         tcfg = cfg["train"]
-        comm.collectively(prepare_output, comm, out)
+        comm.collectively(prepare_output, comm, out, resume is not None)
         path = cfg["data"]["path"]
         train = comm.collectively(read_shard, path, "train", comm.rank, comm.size, equal=True)
         test = comm.collectively(read_shard, path, "test", comm.rank, comm.size, equal=False)
         self.sampler = comm.collectively(Sampler, len(train.y), tcfg["batch_size"],
-                                    tcfg["seed"], comm.rank)
+                                         tcfg["seed"], comm.rank)
         self.x_train, self.y_train = xp.asarray(train.x, dtype=dtype), xp.asarray(train.y)
         self.x_test, self.y_test = xp.asarray(test.x, dtype=dtype), xp.asarray(test.y)
         self.model = build_model(cfg["model"], train.x.shape[1], train.n_classes, xp=xp,
                                  dtype=dtype)
+        self.signature = model_signature(cfg, train.x.shape[1], train.n_classes,
+                                         self.model.n_params)
         theta = self.model.init_params(tcfg["seed"])
         comm.bcast_(theta)
         self.theta = xp.asarray(theta)
         self.optimizer = build_optimizer(cfg["optim"], self.theta, model=self.model, comm=comm,
                                          draw_batch=self.next_batch, seed=tcfg["seed"])
         n = self.model.n_params
-        self.buf = xp.zeros(n + 1, dtype=dtype)  # averaged gradient and loss: one Allreduce
+        # One Allreduce per step carries the gradient (n), the loss and the stop-signal flag.
+        self.buf = xp.zeros(n + 2, dtype=dtype)
         self.grad = self.buf[:n]
         self.grad_evals = 0
+        self.start_step = 0
+        self.wall_offset = 0.0
+        self.stop_signal = 0      # set by SIGTERM/SIGUSR1 on this rank
+        self.stop_requested = False  # set on every rank once any rank has a signal
+        self.failed_at = 0
+        if resume is not None:
+            comm.collectively(self.restore, *resume)
         self.metrics = None
         if comm.rank == 0:
-            self.metrics = MetricsFile(out / "metrics.h5", {
+            attrs = {
                 "hessmpi_version": __version__,
                 "config": config_mod.to_toml(cfg),
                 "mpi_size": comm.size,
@@ -112,8 +141,63 @@ class Run:
                 "host": socket.gethostname(),
                 "n_params": n,
                 "dataset_source": train.source,
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            })
+                "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            path = out / "metrics.h5"
+            self.metrics = (MetricsFile.reopen(path, self.start_step, attrs) if resume
+                            else MetricsFile(path, attrs))
+
+    # ----- checkpoints --------------------------------------------------------------------
+    def checkpoint_state(self, step: int, wall: float) -> tuple[dict, dict]:
+        """(arrays, attrs) of a checkpoint after ``step`` steps; a collective (samplers)."""
+        host = self.backend.to_host
+        samplers = self.comm.allgather((self.sampler.epoch, self.sampler.position))
+        arrays = {"params": host(self.theta), "sampler": np.array(samplers, dtype=np.int64)}
+        arrays.update({f"optim/{k}": host(v) for k, v in self.optimizer.state().items()})
+        attrs = {"step": step, "epoch": self.sampler.epochs_done, "grad_evals": self.grad_evals,
+                 "wall_time": wall, "config": config_mod.to_toml(self.cfg),
+                 "mpi_size": self.comm.size, "hessmpi_version": __version__,
+                 "signature": self.signature}
+        return arrays, attrs
+
+    def restore(self, arrays: dict, attrs: dict) -> None:
+        """Load a verified checkpoint's state into this run (CheckpointError if foreign)."""
+        name = f"checkpoint of step {attrs.get('step')}"
+        if attrs.get("signature") != self.signature:
+            raise CheckpointError(f"{name} was written by a different model, data or "
+                                  f"optimizer ({attrs.get('signature')}); this run is "
+                                  f"{self.signature}")
+        xp = self.backend.xp
+        self.theta[...] = xp.asarray(arrays["params"])
+        state = {k.removeprefix("optim/"): v for k, v in arrays.items()
+                 if k.startswith("optim/")}
+        same_size = int(attrs["mpi_size"]) == self.comm.size
+        self.optimizer.load_state(state, same_layout=same_size)
+        if same_size:
+            epoch, position = arrays["sampler"][self.comm.rank]
+        else:
+            epoch, position = int(np.floor(attrs["epoch"])) + 1, 0
+            if self.comm.rank == 0:
+                log(f"warning: resuming on {self.comm.size} ranks a run checkpointed on "
+                    f"{attrs['mpi_size']}: parameters and optimizer state restored, the data "
+                    f"re-sharded; the sample order changed (from epoch {epoch})")
+        self.sampler.restore(int(epoch), int(position))
+        self.start_step = int(attrs["step"])
+        self.grad_evals = int(attrs["grad_evals"])
+        self.wall_offset = float(attrs["wall_time"])
+
+    def save_checkpoint(self, step: int, wall: float) -> Path:
+        """Write the checkpoint of ``step`` (rank 0 writes; every rank must call this)."""
+        arrays, attrs = self.checkpoint_state(step, wall)
+        path = checkpoint_path(self.out, step)
+        if self.comm.rank == 0:
+            write_checkpoint(path, arrays, attrs)
+            prune(self.out, self.cfg["checkpoint"]["keep"])
+        self.comm.barrier()
+        return path
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
 
     def next_batch(self):
         """This rank's next minibatch (x (B, d), y (B,)) from the deterministic sampler."""
@@ -132,9 +216,11 @@ class Run:
         comm_before, bytes_before = comm.seconds, comm.bytes_sent
         t0 = time.perf_counter()
         self.buf[n] = self.model.loss_grad(self.theta, xb, yb, self.grad)
+        self.buf[n + 1] = self.stop_signal
         t1 = time.perf_counter()
         t_probe = self.optimizer.observe(self.theta, self.grad, lr, xb, yb)
         comm.allreduce_sum_(self.buf)
+        self.stop_requested = bool(self.buf[n + 1] != 0)
         self.buf /= comm.size
         loss = float(self.buf[n])
         if not math.isfinite(loss):
@@ -164,61 +250,90 @@ class Run:
                             "no longer in step (a bug; please report it)")
 
     def run(self) -> dict:
-        """Train to ``train.steps``; returns steps, train_loss, test_loss, test_acc,
-        wall_time (seconds). On RunFailed the metrics file is marked failed first."""
+        """Train from ``start_step`` to ``train.steps``; returns steps, train_loss, test_loss,
+        test_acc, wall_time (seconds). SIGTERM or SIGUSR1 on any rank: checkpoint at the
+        current step and raise RunStopped. On RunFailed the metrics file is marked failed
+        and the offending parameters are written to OUT/failed_state_step_N.h5."""
+        if self.start_step >= self.cfg["train"]["steps"]:
+            raise UsageError(f"{self.out} already holds {self.start_step} steps; to continue, "
+                             f"--set train.steps=N with N > {self.start_step}")
+        handlers = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             return self._run()
         except RunFailed as e:
             if self.metrics is not None:
+                failed = self.out / f"failed_state_step_{self.failed_at:09d}.h5"
+                write_checkpoint(failed, {"params": self.backend.to_host(self.theta)},
+                                 {"step": self.failed_at, "failure": str(e)})
                 self.metrics.append([], status="failed", failure=str(e))
+                log(f"the parameters at the failure are in {failed}")
             raise
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
     def _run(self) -> dict:
         tcfg, check_every = self.cfg["train"], self.cfg["optim"]["check_every"]
+        every = self.cfg["checkpoint"]["every"]
         steps = tcfg["steps"]
-        progress = Progress(steps) if self.comm.rank == 0 else None
+        progress = Progress(steps, first=self.start_step) if self.comm.rank == 0 else None
         if progress:
-            print(f"hessmpi: {self.cfg['model']['name']} with {self.model.n_params:,} "
-                  f"parameters, {self.cfg['optim']['name']} on {self.comm.size} rank(s), "
-                  f"batch {tcfg['batch_size']} per rank, {self.backend.name}/"
-                  f"{self.backend.dtype} with {self.backend.threads} BLAS thread(s); "
-                  f"results in {self.out}", flush=True)
+            log(f"{self.cfg['model']['name']} with {self.model.n_params:,} parameters, "
+                f"{self.cfg['optim']['name']} on {self.comm.size} rank(s), batch "
+                f"{tcfg['batch_size']} per rank, {self.backend.name}/{self.backend.dtype} with "
+                f"{self.backend.threads} BLAS thread(s); "
+                + (f"resuming at step {self.start_step}; " if self.start_step else "")
+                + f"results in {self.out}")
         interval = Interval()
         test_loss = test_acc = math.nan
-        started = time.perf_counter()
-        for step in range(steps):
+        started = time.perf_counter() - self.wall_offset
+        for step in range(self.start_step, steps):
+            self.failed_at = step + 1
             loss, info = self.step(step, interval)
             done = step + 1
             last = done == steps
             if check_every and (done % check_every == 0 or last):
                 self.check_consistency(done)
-            if not (done % tcfg["log_every"] == 0 or last):
-                continue
-            evaluated = last or (tcfg["eval_every"] and done % tcfg["eval_every"] == 0)
-            if evaluated:
-                test_loss, test_acc = evaluate(self.model, self.comm, self.theta,
-                                               self.x_test, self.y_test)
-            row = {
-                "step": done, "epoch": self.sampler.epochs_done,
-                "wall_time": time.perf_counter() - started, "train_loss": loss,
-                "grad_evals": self.grad_evals,
-                "grad_norm": float(self.backend.xp.linalg.norm(self.grad)),
-                "step_norm": self.optimizer.last_step_norm, "fallback": info.fallback,
-                "rank_kept": info.rank_kept, "t_grad": interval.mean("t_grad"),
-                "t_comm": interval.mean("t_comm"), "t_solve": interval.mean("t_solve"),
-                "bytes_sent": round(interval.mean("bytes_sent")),
-                "test_loss": test_loss if evaluated else math.nan,
-                "test_acc": test_acc if evaluated else math.nan,
-            }
-            interval = Interval()
-            if self.metrics is not None:
-                self.metrics.append([row], steps_done=done, **self.optimizer_counters())
-                progress.update(done, f"loss {loss:.4g}"
-                                + (f" test_acc {test_acc:.4f}" if evaluated else ""))
+            if done % tcfg["log_every"] == 0 or last:
+                evaluated = last or (tcfg["eval_every"] and done % tcfg["eval_every"] == 0)
+                if evaluated:
+                    test_loss, test_acc = evaluate(self.model, self.comm, self.theta,
+                                                   self.x_test, self.y_test)
+                row = {
+                    "step": done, "epoch": self.sampler.epochs_done,
+                    "wall_time": time.perf_counter() - started, "train_loss": loss,
+                    "grad_evals": self.grad_evals,
+                    "grad_norm": float(self.backend.xp.linalg.norm(self.grad)),
+                    "step_norm": self.optimizer.last_step_norm, "fallback": info.fallback,
+                    "rank_kept": info.rank_kept, "t_grad": interval.mean("t_grad"),
+                    "t_comm": interval.mean("t_comm"), "t_solve": interval.mean("t_solve"),
+                    "bytes_sent": round(interval.mean("bytes_sent")),
+                    "test_loss": test_loss if evaluated else math.nan,
+                    "test_acc": test_acc if evaluated else math.nan,
+                }
+                interval = Interval()
+                if self.metrics is not None:
+                    self.metrics.append([row], steps_done=done, **self.optimizer_counters())
+                    progress.update(done, f"loss {loss:.4g}"
+                                    + (f" test_acc {test_acc:.4f}" if evaluated else ""))
+            if (every and done % every == 0) or last or self.stop_requested:
+                path = self.save_checkpoint(done, time.perf_counter() - started)
+            if self.stop_requested and not last:
+                if self.metrics is not None:
+                    progress.close()
+                    self.metrics.append([], status="stopped")
+                raise RunStopped(f"stopped by a signal after step {done}; checkpoint {path}; "
+                                 f"continue with: hessmpi train --resume {self.out}")
         wall = time.perf_counter() - started
         if self.metrics is not None:
             progress.close()
             self.metrics.append([], status="finished", wall_time_total=wall,
-                                finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                                finished=datetime.now(UTC).isoformat(timespec="seconds"))
         return dict(steps=steps, train_loss=loss, test_loss=test_loss, test_acc=test_acc,
                     wall_time=wall)
+
+
+def log(message: str) -> None:
+    """A line from hessmpi on standard output (callers make sure only rank 0 speaks)."""
+    print(f"hessmpi: {message}", flush=True)

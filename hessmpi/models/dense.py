@@ -53,8 +53,8 @@ class DenseNet:
         if len(self._layers) == 1:
             return theta
         rng = np.random.default_rng(seed)
-        for l, (w, _) in enumerate(self.views(theta)):
-            hidden = l < len(self._layers) - 1
+        for layer, (w, _) in enumerate(self.views(theta)):
+            hidden = layer < len(self._layers) - 1
             gain = 2.0 if hidden and self.activation == "relu" else 1.0
             w[...] = rng.standard_normal(w.shape) * np.sqrt(gain / w.shape[0])
         return theta
@@ -161,7 +161,6 @@ class DenseNet:
     def evaluate(self, theta, x, y, chunk: int = 4096) -> tuple[float, int]:
         """(sum over samples of the cross-entropy, number classified correctly) on x, y,
         in chunks of ``chunk`` rows; the L2 term is not included."""
-        xp = self.xp
         layers = self.views(theta)
         loss_sum, correct = 0.0, 0
         for start in range(0, len(y), chunk):

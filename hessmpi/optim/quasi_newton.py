@@ -77,7 +77,8 @@ def direction(gram, s_idx, y_idx, g_idx: int, *, eta: float, curvature: str,
     kept = int(keep.sum())
     if kept == 0:
         return _fallback(xp, m, "no_curvature")
-    Qk, lk = Q[:, keep], lam[keep]       # rotated pairs S' = S Qk, Y' = Y Qk; sym(S'^T Y') = diag(lk)
+    # rotated pairs S' = S Qk, Y' = Y Qk, so that sym(S'^T Y') = diag(lk)
+    Qk, lk = Q[:, keep], lam[keep]
     sg_k, yg_k = Qk.T @ sg, Qk.T @ yg
     yy_k = Qk.T @ yy @ Qk
     h = eta if h0 == "lr" else float(lk.sum() / xp.trace(yy_k))

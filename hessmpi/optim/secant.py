@@ -60,7 +60,20 @@ class Secant:
     def state(self) -> dict:
         """The arrays that a checkpoint must keep."""
         return {"velocity": self.velocity, "W": self.W, "gram": self.gram,
-                "ring": np.array([self.filled, self.next_slot, self.steps])}
+                "ring": np.array([self.filled, self.next_slot, self.steps]),
+                "counts": np.array(list(self.counts.values()))}
+
+    def load_state(self, state: dict, same_layout: bool) -> None:
+        """Restore ``state()`` as saved in a checkpoint. With another rank count
+        (``same_layout`` false) the pair memory does not fit the ring and starts empty."""
+        xp = self.xp
+        self.velocity[...] = xp.asarray(state["velocity"])
+        self.steps = int(state["ring"][2])
+        self.counts = dict(zip(self.counts, (int(c) for c in state["counts"]), strict=True))
+        if same_layout:
+            self.W[...] = xp.asarray(state["W"])
+            self.gram[...] = xp.asarray(state["gram"])
+            self.filled, self.next_slot = int(state["ring"][0]), int(state["ring"][1])
 
     def counters(self) -> str:
         """Fallbacks by reason and clipped steps so far, as JSON text."""

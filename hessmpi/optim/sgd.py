@@ -25,6 +25,10 @@ class SGD:
         """The arrays that a checkpoint must keep."""
         return {"velocity": self.velocity}
 
+    def load_state(self, state: dict, same_layout: bool) -> None:
+        """Restore ``state()`` as saved in a checkpoint."""
+        self.velocity[...] = state["velocity"]
+
     def observe(self, theta, grad, lr: float, x, y) -> float:
         """Nothing to do before the Allreduce; no gradient evaluations (0 seconds)."""
         return 0.0

@@ -1,0 +1,129 @@
+"""Checkpoints: OUT/checkpoints/ckpt_STEP.h5, written atomically, verified before loading.
+
+A checkpoint holds named arrays (``params``, ``optim/<name>``, ``sampler`` (P, 2): every
+rank's (epoch, position)) and root attributes (format, step, config TOML, MPI size,
+hessmpi version, model signature, counters) plus a BLAKE2b checksum over every array's name,
+dtype, shape and bytes. It is written to a temporary name in the same directory, flushed
+and fsynced, then renamed into place, so a run killed at any instant leaves the previous
+checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from hessmpi.errors import UsageError
+
+FORMAT = "hessmpi-checkpoint-1"
+NAME = re.compile(r"^ckpt_(\d+)\.h5$")
+
+
+class CheckpointError(UsageError):
+    """A checkpoint file that is damaged, truncated, foreign, or does not fit the run."""
+
+
+def checkpoint_dir(out: Path) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def checkpoint_path(out: Path, step: int) -> Path:
+    return checkpoint_dir(out) / f"ckpt_{step:09d}.h5"
+
+
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+    """Hex BLAKE2b digest over the arrays' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.blake2b(digest_size=20)
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+    """Write ``arrays`` (host arrays) and ``attrs`` to ``path`` atomically, with checksum."""
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as raw:
+            with h5py.File(raw, "w") as f:
+                for name, a in arrays.items():
+                    f.create_dataset(name, data=np.asarray(a))
+                f.attrs.update(attrs)
+                f.attrs["format"] = FORMAT
+                f.attrs["checksum"] = checksum(arrays)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, attrs) of a checkpoint whose checksum verifies; CheckpointError otherwise."""
+    import h5py
+
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            if attrs.get("format") != FORMAT:
+                raise CheckpointError(f"{path} is not a hessmpi checkpoint "
+                                      f"(format {attrs.get('format')!r})")
+            f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
+                         if isinstance(obj, h5py.Dataset) else None)
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} cannot be read (damaged or truncated): {e}") from None
+    if checksum(arrays) != attrs.get("checksum"):
+        raise CheckpointError(f"{path} fails its checksum (damaged)")
+    return arrays, attrs
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the files named like checkpoints under OUT/checkpoints, newest first."""
+    d = checkpoint_dir(out)
+    found = [(int(m.group(1)), p) for p in d.glob("ckpt_*.h5") if (m := NAME.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def newest_valid(out: Path, accept, warn) -> Path:
+    """The newest checkpoint of run directory ``out`` that verifies and that
+    ``accept(path, attrs)`` does not refuse (by raising CheckpointError); ``warn(message)``
+    is called for each one skipped. CheckpointError if none is left."""
+    listed = list_checkpoints(out)
+    if not listed:
+        raise CheckpointError(f"no checkpoint to resume from in {checkpoint_dir(out)}")
+    for _, path in listed:
+        try:
+            _, attrs = read_checkpoint(path)
+            accept(path, attrs)
+            return path
+        except CheckpointError as e:
+            warn(f"skipping checkpoint: {e}")
+    raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(out)} "
+                          f"({len(listed)} found, all damaged or foreign)")
+
+
+def prune(out: Path, keep: int) -> None:
+    """Remove all but the ``keep`` newest checkpoints (called after a new one is in place)."""
+    for _, path in list_checkpoints(out)[keep:]:
+        path.unlink(missing_ok=True)
