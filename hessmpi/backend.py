@@ -1,5 +1,5 @@
-"""The array backend: which array module (numpy now, cupy through the same seam later),
-which dtype, and how many BLAS threads each rank may use.
+"""The array backend: which array module (numpy on CPU, cupy on GPU), which dtype, which GPU
+each rank drives, and how many BLAS threads each rank may use.
 
 Numerical code receives ``backend.xp`` and ``backend.dtype`` and never branches on the device.
 """
@@ -18,7 +18,7 @@ from hessmpi.errors import UsageError
 @dataclass
 class Backend:
     """xp: the array module; dtype: the floating type of parameters and data;
-    name: "numpy" or "cupy"; device: "cpu" or "gpu"; threads: BLAS threads of this rank."""
+    name: "numpy" or "cupy"; device: "cpu" or "gpu:N (model)"; threads: BLAS threads."""
 
     xp: Any
     dtype: Any
@@ -27,34 +27,69 @@ class Backend:
     threads: int
 
     def to_host(self, a) -> np.ndarray:
-        """A NumPy copy (or view) of an array of this backend."""
-        return np.asarray(a)
+        """A NumPy copy (or view, on CPU) of an array of this backend."""
+        return self.xp.asnumpy(a) if self.name == "cupy" else np.asarray(a)
 
 
-def node_blas_threads(comm) -> int:
-    """BLAS threads for this rank: the cores its node offers this job, shared evenly by the
-    ranks on that node (never oversubscribed). ``comm`` is an mpi4py communicator.
-
-    The cores counted are the union of the ranks' CPU affinity sets, so a launcher that binds
-    each rank to its own cores gives each rank about its own set.
-    """
+def node_layout(comm) -> tuple[int, int, list[list[int]]]:
+    """(local rank, ranks on this node, every local rank's CPU affinity) of this rank's node;
+    ``comm`` is an mpi4py communicator."""
     from mpi4py import MPI
 
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:
-        mine = sorted(os.sched_getaffinity(0))
-        union = set().union(*node.allgather(mine))
-        return max(1, min(len(mine), len(union) // node.size))
+        affinities = node.allgather(sorted(os.sched_getaffinity(0)))
+        return node.Get_rank(), node.Get_size(), affinities
     finally:
         node.Free()
 
 
-def make_backend(device: str, dtype: str, threads: int) -> Backend:
-    """The backend for ``backend.device`` / ``backend.dtype``; ``threads`` BLAS threads (>= 1)."""
-    if device == "gpu":
-        raise UsageError("backend.device = 'gpu': the CuPy backend is not built yet; "
-                         "use 'cpu' or 'auto'")
+def blas_threads(local_rank: int, affinities: list[list[int]]) -> int:
+    """BLAS threads for this rank: the cores its node offers the job (the union of the local
+    ranks' affinity sets), shared evenly by the local ranks, never more than its own set; a
+    launcher that binds each rank to its own cores thus gives each about its own set."""
+    union = set().union(*map(set, affinities))
+    return max(1, min(len(affinities[local_rank]), len(union) // len(affinities)))
+
+
+def _cupy_or_reason() -> tuple[Any, str | None]:
+    """(cupy, None) when CuPy imports and sees a GPU, else (None, why not)."""
+    try:
+        import cupy
+    except Exception as e:  # noqa: BLE001 - ImportError, or CUDA libraries failing to load
+        return None, f"CuPy is not installed or does not load ({type(e).__name__}: {e}); " \
+                     "install it with pip install 'hessmpi[gpu]'"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # noqa: BLE001 - cudaErrorNoDevice, driver missing, ...
+        return None, f"CuPy finds no usable GPU ({type(e).__name__}: {e})"
+    if count == 0:
+        return None, "CuPy finds no GPU"
+    return cupy, None
+
+
+def make_backend(device: str, dtype: str, threads: int, *, local_rank: int = 0,
+                 local_size: int = 1, share_gpus: bool = False) -> Backend:
+    """The backend for ``backend.device`` ("auto" | "cpu" | "gpu") and ``backend.dtype``.
+
+    On GPU, local rank r of the node's ``local_size`` ranks takes GPU r % (GPUs on the node);
+    more ranks than GPUs is an error unless ``share_gpus``. ``threads``: BLAS threads (>= 1).
+    """
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=threads, user_api="blas")
+    if device != "cpu":
+        cupy, why = _cupy_or_reason()
+        if cupy is None and device == "gpu":
+            raise UsageError(f"backend.device = 'gpu' but {why}")
+        if cupy is not None:
+            count = cupy.cuda.runtime.getDeviceCount()
+            if local_size > count and not share_gpus:
+                raise UsageError(f"{local_size} ranks on one node share {count} GPU(s): start "
+                                 "one rank per GPU, or set backend.share_gpus = true")
+            index = local_rank % count
+            cupy.cuda.Device(index).use()
+            name = cupy.cuda.runtime.getDeviceProperties(index)["name"].decode()
+            return Backend(xp=cupy, dtype=np.dtype(dtype), name="cupy",
+                           device=f"gpu:{index} ({name})", threads=threads)
     return Backend(xp=np, dtype=np.dtype(dtype), name="numpy", device="cpu", threads=threads)

@@ -85,8 +85,8 @@ def _train(args) -> int:
     from mpi4py import MPI
 
     from hessmpi import config
-    from hessmpi.backend import make_backend, node_blas_threads
-    from hessmpi.comm import Communicator
+    from hessmpi.backend import blas_threads, make_backend, node_layout
+    from hessmpi.comm import Communicator, cuda_aware_mpi
 
     comm = Communicator(MPI.COMM_WORLD)
     try:
@@ -101,8 +101,15 @@ def _train(args) -> int:
             cfg = comm.collectively(config.load, args.config, args.set)
             out = comm.bcast(args.out or _default_out(cfg))
         bcfg = cfg["backend"]
-        threads = bcfg["threads"] or node_blas_threads(comm.comm)
-        backend = comm.collectively(make_backend, bcfg["device"], bcfg["dtype"], threads)
+        local_rank, local_size, affinities = node_layout(comm.comm)
+        threads = bcfg["threads"] or blas_threads(local_rank, affinities)
+        backend = comm.collectively(make_backend, bcfg["device"], bcfg["dtype"], threads,
+                                    local_rank=local_rank, local_size=local_size,
+                                    share_gpus=bcfg["share_gpus"])
+        if backend.name == "cupy":
+            path = bcfg["mpi_device_path"]
+            comm.device_path = (("direct" if cuda_aware_mpi() else "staged") if path == "auto"
+                                else path)
 
         from hessmpi.trainer import Run
 

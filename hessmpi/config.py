@@ -110,6 +110,11 @@ SCHEMA: dict[str, dict[str, Option]] = {
                         choices=("float32", "float64")),
         "threads": Option(0, "int", "BLAS threads per rank (0: node cores / ranks on the node)",
                           low=0),
+        "share_gpus": Option(False, "bool", "allow more ranks than GPUs on a node"),
+        "mpi_device_path": Option("auto", "str", "how GPU buffers reach MPI: direct (a "
+                                  "CUDA-aware MPI), staged (through pinned host buffers), or "
+                                  "auto (direct if the MPI library says it is CUDA-aware)",
+                                  choices=("auto", "direct", "staged")),
     },
 }
 
@@ -193,9 +198,12 @@ def load(path: str | Path | None, overrides: list[str] = (),
     if path is not None:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_bytes().decode("utf-8")
         except OSError as e:
             raise UsageError(f"cannot read config file {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"config file {path} is not valid TOML: not UTF-8 text ({e})") \
+                from None
         try:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -251,7 +259,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join("\\" + c if c in '"\\' else f"\\u{ord(c):04x}"
+                             if ord(c) < 0x20 or c == "\x7f" else c for c in value) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ def read_idx(path: str | Path) -> np.ndarray:
             raw = gzip.decompress(raw)
     except OSError as e:
         raise UsageError(f"cannot read IDX file {path}: {e.strerror or e}") from None
-    except (EOFError, gzip.BadGzipFile, ValueError) as e:
+    except (EOFError, gzip.BadGzipFile, zlib.error, ValueError) as e:
         raise UsageError(f"IDX file {path} is a damaged gzip file: {e}") from None
     if len(raw) < 8:
         raise UsageError(f"IDX file {path} is too short to hold a header")

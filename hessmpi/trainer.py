@@ -136,6 +136,7 @@ class Run:
                 "mpi_library": comm.library_version(),
                 "backend": backend.name,
                 "device": backend.device,
+                "mpi_device_path": comm.device_path if backend.name == "cupy" else "host",
                 "dtype": str(dtype),
                 "blas_threads": backend.threads,
                 "host": socket.gethostname(),
@@ -201,7 +202,7 @@ class Run:
 
     def next_batch(self):
         """This rank's next minibatch (x (B, d), y (B,)) from the deterministic sampler."""
-        idx = self.sampler.next()
+        idx = self.backend.xp.asarray(self.sampler.next())
         return self.x_train[idx], self.y_train[idx]
 
     def step(self, step: int, interval: Interval) -> tuple[float, StepInfo]:

@@ -60,6 +60,7 @@ def direction(gram, s_idx, y_idx, g_idx: int, *, eta: float, curvature: str,
     m = len(s_idx)
     if m == 0:
         return _fallback(xp, 0, "no_pairs")
+    s_idx, y_idx = xp.asarray(s_idx), xp.asarray(y_idx)
     G = xp.asarray(gram, dtype=xp.float64)
     if not bool(xp.isfinite(G).all()):
         return _fallback(xp, m, "not_finite")

@@ -109,8 +109,9 @@ class Secant:
                 xp.multiply(grad, -eta_p, out=s_rows[0])
             else:
                 t = time.perf_counter()
-                for j, part in enumerate(np.array_split(np.arange(len(y)), self.k)):
-                    model.loss_grad(theta, x[part], y[part], s_rows[j])
+                bounds = np.linspace(0, len(y), self.k + 1).astype(int)
+                for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+                    model.loss_grad(theta, x[a:b], y[a:b], s_rows[j])
                     s_rows[j] *= -eta_p
                 seconds += time.perf_counter() - t
         else:
@@ -174,7 +175,7 @@ class Secant:
         active = 1 + self.filled * self.slot_rows
         # rows of each slot: per rank, k s-rows then k y-rows
         rows = np.arange(1, active).reshape(self.filled, self.comm.size, 2, self.k)
-        s_idx, y_idx = rows[:, :, 0].ravel(), rows[:, :, 1].ravel()
+        s_idx, y_idx = xp.asarray(rows[:, :, 0].ravel()), xp.asarray(rows[:, :, 1].ravel())
         d = direction(self.gram[:active, :active], s_idx, y_idx, 0, eta=lr,
                       curvature=o["curvature"], curvature_tol=o["curvature_tol"], h0=o["h0"],
                       lsq_mu=o["lsq_mu"], max_step_ratio=o["max_step_ratio"], xp=xp)
@@ -203,7 +204,7 @@ class Secant:
         xp, W = self.xp, self.W
         active = 1 + self.filled * self.slot_rows
         start = 1 + slot_index * self.slot_rows
-        new = np.concatenate([[0], np.arange(start, start + self.slot_rows)])
+        new = xp.asarray(np.concatenate([[0], np.arange(start, start + self.slot_rows)]))
         out = xp.zeros((len(new), active), dtype=W.dtype)
         n, b = W.shape[1], self.gram_block
         for c in range(0, n, b):

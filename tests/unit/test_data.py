@@ -1,0 +1,249 @@
+"""Dataset files, per-rank shards and the deterministic minibatch sampler."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from hessmpi.data import Sampler, read_shard, shard_bounds, write_dataset
+from hessmpi.errors import UsageError
+
+COMBOS = [(total, size) for total in (0, 1, 2, 3, 5, 7, 10, 16, 17, 31, 64, 100, 1001)
+          for size in (1, 2, 3, 4, 5, 7, 8, 13)]
+
+
+# ----- shard_bounds ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("total", "size"), COMBOS)
+def test_shard_bounds_unequal_covers_every_row(total, size):
+    # reference: numpy's array_split gives the first total % size parts one row more
+    parts = np.array_split(np.arange(total), size)
+    covered = []
+    for rank in range(size):
+        start, stop = shard_bounds(total, rank, size, equal=False)
+        np.testing.assert_array_equal(np.arange(start, stop), parts[rank])
+        covered.extend(range(start, stop))
+    assert covered == list(range(total))
+
+
+@pytest.mark.parametrize(("total", "size"), COMBOS)
+def test_shard_bounds_equal_gives_same_count_to_all(total, size):
+    rows = total // size
+    kept = np.arange(rows * size).reshape(size, rows)
+    for rank in range(size):
+        start, stop = shard_bounds(total, rank, size, equal=True)
+        np.testing.assert_array_equal(np.arange(start, stop), kept[rank])
+        assert stop <= total
+
+
+# ----- write_dataset / read_shard ------------------------------------------------------------
+def make_arrays(n, d, classes, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d)), rng.integers(0, classes, n).astype(np.int32)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    train = make_arrays(23, 4, 3, seed=1)
+    test = make_arrays(9, 4, 3, seed=2)
+    path = tmp_path / "sub" / "ds.h5"
+    write_dataset(path, train, test, source="unit test", description="tiny", n_classes=3)
+    return path, train, test
+
+
+def test_write_dataset_layout_with_plain_h5py(dataset):
+    path, (x, y), (xt, yt) = dataset
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ds.h5"]  # no temporary left
+    with h5py.File(path, "r") as f:
+        assert f.attrs["source"] == "unit test"
+        assert f.attrs["description"] == "tiny"
+        assert int(f.attrs["n_classes"]) == 3
+        for split, (a, b) in (("train", (x, y)), ("test", (xt, yt))):
+            assert f[f"{split}/x"].dtype == np.float32
+            assert f[f"{split}/y"].dtype == np.int64
+            np.testing.assert_array_equal(f[f"{split}/x"][()], a.astype(np.float32))
+            np.testing.assert_array_equal(f[f"{split}/y"][()], b.astype(np.int64))
+
+
+def test_write_dataset_replaces_existing(tmp_path):
+    path = tmp_path / "ds.h5"
+    write_dataset(path, make_arrays(5, 2, 2), make_arrays(3, 2, 2), source="a",
+                  description="", n_classes=2)
+    write_dataset(path, make_arrays(8, 2, 2, 5), make_arrays(4, 2, 2, 6), source="b",
+                  description="", n_classes=2)
+    shard = read_shard(path, "train", 0, 1, equal=False)
+    assert shard.source == "b" and shard.total == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds.h5"]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5])
+def test_read_shard_round_trip(dataset, split, size):
+    path, train, test = dataset
+    x, y = train if split == "train" else test
+    n = len(y)
+    xs, ys = [], []
+    for rank in range(size):
+        shard = read_shard(path, split, rank, size, equal=False)
+        assert shard.x.dtype == np.float32 and shard.y.dtype == np.int64
+        assert shard.x.ndim == 2 and shard.x.shape[1] == 4
+        assert shard.x.shape[0] == shard.y.shape[0]
+        assert shard.total == n and shard.n_classes == 3 and shard.source == "unit test"
+        assert shard.offset == sum(len(a) for a in ys)
+        xs.append(shard.x)
+        ys.append(shard.y)
+    np.testing.assert_array_equal(np.concatenate(xs), x.astype(np.float32))
+    np.testing.assert_array_equal(np.concatenate(ys), y)
+    # equal shards: each total // size rows, contiguous, the remainder left out
+    rows = n // size
+    for rank in range(size):
+        shard = read_shard(path, split, rank, size, equal=True)
+        assert shard.offset == rank * rows
+        np.testing.assert_array_equal(shard.x, x[rank * rows:(rank + 1) * rows].astype(np.float32))
+        np.testing.assert_array_equal(shard.y, y[rank * rows:(rank + 1) * rows])
+
+
+def expect_usage_error(path, *args, needle=None, **kwargs):
+    with pytest.raises(UsageError) as exc:
+        read_shard(path, *args, **kwargs)
+    msg = str(exc.value)
+    assert str(path) in msg
+    if needle:
+        assert needle in msg.replace(str(path), "")
+
+
+def test_read_shard_missing_file(tmp_path):
+    expect_usage_error(tmp_path / "none.h5", "train", 0, 1, equal=True, needle="does not exist")
+
+
+def test_read_shard_not_hdf5(tmp_path):
+    path = tmp_path / "text.h5"
+    path.write_text("this is not HDF5\n" * 100)
+    expect_usage_error(path, "train", 0, 1, equal=True)
+
+
+def test_read_shard_truncated_hdf5(dataset, tmp_path):
+    path = tmp_path / "cut.h5"
+    path.write_bytes(dataset[0].read_bytes()[:1500])
+    expect_usage_error(path, "train", 0, 1, equal=True)
+
+
+def test_read_shard_missing_group(tmp_path):
+    path = tmp_path / "only_train.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["n_classes"] = 2
+        f["train/x"] = np.zeros((4, 2), np.float32)
+        f["train/y"] = np.zeros(4, np.int64)
+    assert read_shard(path, "train", 0, 1, equal=True).total == 4
+    expect_usage_error(path, "test", 0, 1, equal=True, needle="test/x")
+
+
+def test_read_shard_missing_labels(tmp_path):
+    path = tmp_path / "no_y.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["n_classes"] = 2
+        f["train/x"] = np.zeros((4, 2), np.float32)
+    expect_usage_error(path, "train", 0, 1, equal=True, needle="train/y")
+
+
+@pytest.mark.parametrize(("xshape", "yshape"), [((4, 2), (5,)), ((4,), (4,)), ((4, 2), (4, 1))])
+def test_read_shard_bad_shapes(tmp_path, xshape, yshape):
+    path = tmp_path / "shapes.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["n_classes"] = 2
+        f["train/x"] = np.zeros(xshape, np.float32)
+        f["train/y"] = np.zeros(yshape, np.int64)
+    expect_usage_error(path, "train", 0, 1, equal=True)
+
+
+def test_read_shard_missing_n_classes(tmp_path):
+    path = tmp_path / "no_classes.h5"
+    with h5py.File(path, "w") as f:
+        f["train/x"] = np.zeros((4, 2), np.float32)
+        f["train/y"] = np.zeros(4, np.int64)
+    expect_usage_error(path, "train", 0, 1, equal=True, needle="n_classes")
+
+
+@pytest.mark.parametrize("bad", [3, -1, 100])
+def test_read_shard_labels_out_of_range(tmp_path, bad):
+    x, y = make_arrays(6, 2, 3)
+    y[4] = bad
+    path = tmp_path / "labels.h5"
+    write_dataset(path, (x, y), make_arrays(2, 2, 3), source="s", description="", n_classes=3)
+    expect_usage_error(path, "train", 0, 1, equal=False, needle="labels")
+    # the test split is fine
+    assert read_shard(path, "test", 0, 1, equal=False).total == 2
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_read_shard_non_finite_features(tmp_path, bad):
+    x, y = make_arrays(6, 2, 3)
+    x[2, 1] = bad
+    path = tmp_path / "nan.h5"
+    write_dataset(path, make_arrays(2, 2, 3), (x, y), source="s", description="", n_classes=3)
+    expect_usage_error(path, "test", 0, 1, equal=False, needle="non-finite")
+
+
+# ----- Sampler --------------------------------------------------------------------------------
+def draw(sampler, n):
+    return [sampler.next().copy() for _ in range(n)]
+
+
+def test_sampler_is_deterministic():
+    a = draw(Sampler(50, 7, seed=3, rank=1), 20)
+    b = draw(Sampler(50, 7, seed=3, rank=1), 20)
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_sampler_follows_documented_order():
+    rows, batch = 23, 5
+    sampler = Sampler(rows, batch, seed=11, rank=2)
+    per_epoch = rows // batch
+    for epoch in range(3):
+        order = np.random.default_rng([11, 2, epoch]).permutation(rows)
+        for k in range(per_epoch):
+            np.testing.assert_array_equal(sampler.next(), order[k * batch:(k + 1) * batch])
+
+
+@pytest.mark.parametrize(("other_seed", "other_rank"), [(4, 0), (3, 1)])
+def test_sampler_differs_across_seed_and_rank(other_seed, other_rank):
+    a = np.concatenate(draw(Sampler(64, 8, seed=3, rank=0), 8))
+    b = np.concatenate(draw(Sampler(64, 8, seed=other_seed, rank=other_rank), 8))
+    assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(("rows", "batch"), [(20, 5), (23, 5), (7, 7), (10, 1), (100, 33)])
+def test_sampler_epochs_visit_distinct_rows(rows, batch):
+    sampler = Sampler(rows, batch, seed=0, rank=0)
+    per_epoch = rows // batch
+    epochs = []
+    for _ in range(4):
+        idx = np.concatenate(draw(sampler, per_epoch))
+        assert idx.shape == (batch * per_epoch,)
+        assert idx.dtype.kind == "i"
+        assert len(np.unique(idx)) == batch * per_epoch  # no repeats within an epoch
+        assert idx.min() >= 0 and idx.max() < rows
+        epochs.append(idx)
+    if rows > batch:
+        assert not all(np.array_equal(epochs[0], e) for e in epochs[1:])  # reshuffled
+
+
+@pytest.mark.parametrize(("rows", "batch"), [(20, 5), (23, 5), (7, 7), (10, 3)])
+def test_sampler_epoch_counter(rows, batch):
+    sampler = Sampler(rows, batch, seed=0, rank=0)
+    per_epoch = rows // batch
+    assert sampler.epoch == 0 and sampler.epochs_done == 0.0
+    for n in range(1, 3 * per_epoch + 2):
+        sampler.next()
+        epoch = (n - 1) // per_epoch
+        position = ((n - 1) % per_epoch + 1) * batch
+        assert sampler.epoch == epoch
+        assert sampler.epochs_done == pytest.approx(epoch + position / rows, abs=1e-15)
+
+
+def test_sampler_batch_size_checks():
+    assert len(Sampler(5, 5, seed=0, rank=0).next()) == 5
+    with pytest.raises(UsageError) as exc:
+        Sampler(5, 6, seed=0, rank=0)
+    assert "batch_size" in str(exc.value) and "6" in str(exc.value) and "5" in str(exc.value)

@@ -1,0 +1,120 @@
+"""metrics.h5: the documented columns, appends, attributes, reading with plain h5py."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from hessmpi.metrics import COLUMNS, MetricsFile, read_metrics
+
+# The /metrics columns named in CONTRACT.md, in its order.
+CONTRACT_COLUMNS = ["step", "epoch", "wall_time", "train_loss", "grad_evals", "grad_norm",
+                    "step_norm", "fallback", "rank_kept", "t_grad", "t_comm", "t_solve",
+                    "bytes_sent", "test_loss", "test_acc"]
+INTEGER_COLUMNS = {"step", "grad_evals", "fallback", "rank_kept", "bytes_sent"}
+
+
+def test_columns_are_the_documented_ones():
+    assert list(COLUMNS) == CONTRACT_COLUMNS
+    for name, dtype in COLUMNS.items():
+        kind = np.dtype(dtype).kind
+        assert kind == ("i" if name in INTEGER_COLUMNS else "f"), name
+
+
+def row(k: int) -> dict:
+    """A row whose every value is distinct and exactly representable in its column."""
+    r = {name: k * 10 + j for j, name in enumerate(COLUMNS)}
+    r["fallback"] = k % 2
+    r["epoch"] = k / 4
+    r["test_loss"] = np.nan if k % 3 else 0.5 + k
+    r["test_acc"] = np.nan if k % 3 else 0.01 * k
+    return r
+
+
+def check_columns(f, rows):
+    g = f["metrics"]
+    assert set(g) == set(COLUMNS)
+    for name, dtype in COLUMNS.items():
+        d = g[name]
+        assert d.dtype == np.dtype(dtype), name
+        assert d.ndim == 1 and d.maxshape == (None,)
+        expected = np.array([r[name] for r in rows], dtype=np.float64)
+        np.testing.assert_array_equal(d[()].astype(np.float64), expected, err_msg=name)
+
+
+def test_create_append_and_read_with_plain_h5py(tmp_path):
+    path = tmp_path / "metrics.h5"
+    attrs = {"config": "[optim]\nlr = 0.1\n", "mpi_size": 4, "backend": "numpy"}
+    m = MetricsFile(path, attrs)
+
+    # right after creation: a closed, complete file with empty columns
+    with h5py.File(path, "r") as f:
+        check_columns(f, [])
+        assert f.attrs["status"] == "running"
+        assert f.attrs["mpi_size"] == 4 and f.attrs["backend"] == "numpy"
+        assert f.attrs["config"] == attrs["config"]
+
+    rows = [row(k) for k in range(1, 4)]
+    m.append(rows, steps_done=3)
+    with h5py.File(path, "r") as f:  # readable between appends, default h5py settings
+        check_columns(f, rows)
+        assert f.attrs["steps_done"] == 3 and f.attrs["status"] == "running"
+
+    rows2 = [row(k) for k in range(4, 6)]
+    m.append(rows2, steps_done=5)
+    m.append([], status="finished", wall_time_total=12.5)
+    with h5py.File(path, "r") as f:
+        check_columns(f, rows + rows2)
+        assert f.attrs["status"] == "finished"
+        assert f.attrs["steps_done"] == 5 and f.attrs["wall_time_total"] == 12.5
+
+    got_attrs, cols = read_metrics(path)
+    assert got_attrs["status"] == "finished" and got_attrs["config"] == attrs["config"]
+    assert set(cols) == set(COLUMNS)
+    for name in COLUMNS:
+        assert len(cols[name]) == 5
+    np.testing.assert_array_equal(cols["step"], [10, 20, 30, 40, 50])
+    assert np.isnan(cols["test_acc"]).sum() == 4 and cols["test_acc"][2] == pytest.approx(0.03)
+
+
+def test_readable_after_every_append(tmp_path):
+    path = tmp_path / "metrics.h5"
+    m = MetricsFile(path, {})
+    for k in range(1, 30):
+        m.append([row(k)])
+        with h5py.File(path, "r") as f:
+            assert f["metrics/step"].shape == (k,)
+            assert f["metrics/step"][-1] == row(k)["step"]
+
+
+def test_many_rows_beyond_one_chunk(tmp_path):
+    path = tmp_path / "metrics.h5"
+    m = MetricsFile(path, {})
+    rows = [row(k) for k in range(2500)]
+    m.append(rows[:1000])
+    m.append(rows[1000:])
+    _, cols = read_metrics(path)
+    np.testing.assert_array_equal(cols["step"], np.arange(2500) * 10)
+    np.testing.assert_array_equal(cols["fallback"], np.arange(2500) % 2)
+
+
+def test_create_replaces_an_old_file(tmp_path):
+    path = tmp_path / "metrics.h5"
+    MetricsFile(path, {"old": 1}).append([row(1)])
+    MetricsFile(path, {"new": 2})
+    attrs, cols = read_metrics(path)
+    assert "old" not in attrs and attrs["new"] == 2
+    assert all(len(c) == 0 for c in cols.values())
+
+
+def test_read_metrics_rejects_foreign_files(tmp_path):
+    text = tmp_path / "text.h5"
+    text.write_text("not hdf5")
+    with pytest.raises(OSError):
+        read_metrics(text)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(KeyError):
+        read_metrics(other)
