@@ -26,9 +26,24 @@ class Backend:
     device: str
     threads: int
 
+    def synchronize(self) -> None:
+        """Wait until the device has finished queued work (so timings are true); no-op on CPU."""
+        synchronize(self.xp)
+
     def to_host(self, a) -> np.ndarray:
         """A NumPy copy (or view, on CPU) of an array of this backend."""
-        return self.xp.asnumpy(a) if self.name == "cupy" else np.asarray(a)
+        return to_host(self.xp, a)
+
+
+def to_host(xp, a) -> np.ndarray:
+    """A NumPy copy (or view, for numpy) of an array of module ``xp``."""
+    return np.asarray(a) if xp is np else xp.asnumpy(a)
+
+
+def synchronize(xp) -> None:
+    """Wait for the current stream of array module ``xp`` (no-op for numpy)."""
+    if xp is not np:
+        xp.cuda.get_current_stream().synchronize()
 
 
 def node_layout(comm) -> tuple[int, int, list[list[int]]]:

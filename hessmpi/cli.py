@@ -27,8 +27,28 @@ def _error(message: str) -> None:
     print(f"hessmpi: error: {message}", file=sys.stderr, flush=True)
 
 
+def _launcher_rank() -> int:
+    """This process's rank as the MPI launcher tells it (0 when not launched by one)."""
+    for var in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Under mpiexec/srun every rank parses the command line; only rank 0 prints a usage
+    error (every rank still exits 2)."""
+
+    def error(self, message):
+        if _launcher_rank() == 0:
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hessmpi", description=(
+    p = _Parser(prog="hessmpi", description=(
         "Distributed data-parallel SGD accelerated by an inverse-Hessian approximation built "
         "from the workers' secant pairs. Train under MPI: mpiexec -n 4 hessmpi train ..."))
     p.add_argument("--version", action="version", version=f"hessmpi {__version__}")

@@ -73,7 +73,10 @@ class Communicator:
         return self._pinned[key]
 
     def _on_buffer(self, op, buf) -> None:
-        """Apply MPI operation ``op(buffer)`` to ``buf`` in place, on the host or device."""
+        """Apply MPI operation ``op(buffer)`` to ``buf`` in place, on the host or device.
+        On one rank every collective used here is the identity and is skipped."""
+        if self.size == 1:
+            return
         if not _is_device(buf):
             op(buf)
             return
@@ -155,4 +158,4 @@ class Communicator:
     @staticmethod
     def library_version() -> str:
         """The MPI library's own first line, e.g. 'MPICH Version: 5.0.2'."""
-        return " ".join(MPI.Get_library_version().splitlines()[0].split())
+        return " ".join(MPI.Get_library_version().replace("\0", "").splitlines()[0].split())

@@ -34,7 +34,7 @@ def describe() -> str:
     from threadpoolctl import threadpool_info
 
     import hessmpi
-    from hessmpi.comm import cuda_aware_mpi
+    from hessmpi.comm import Communicator, cuda_aware_mpi
 
     blas = "; ".join(f"{p.get('internal_api')} {p.get('version')} "
                      f"({p.get('num_threads')} threads)"
@@ -45,7 +45,7 @@ def describe() -> str:
         f"numpy     {_version('numpy')}",
         f"h5py      {_version('h5py')}",
         f"mpi4py    {_version('mpi4py')}",
-        f"MPI       {' '.join(MPI.Get_library_version().splitlines()[0].split())} "
+        f"MPI       {Communicator.library_version()} "
         f"(standard {'.'.join(map(str, MPI.Get_version()))}; CUDA-aware: "
         f"{'yes' if cuda_aware_mpi() else 'no'})",
         f"BLAS      {blas or 'not detected'}",

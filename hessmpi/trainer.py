@@ -127,6 +127,9 @@ class Run:
         self.failed_at = 0
         if resume is not None:
             comm.collectively(self.restore, *resume)
+            if self.start_step >= tcfg["steps"]:
+                raise UsageError(f"{out} already holds {self.start_step} steps; to continue, "
+                                 f"--set train.steps=N with N > {self.start_step}")
         self.metrics = None
         if comm.rank == 0:
             attrs = {
@@ -218,6 +221,7 @@ class Run:
         t0 = time.perf_counter()
         self.buf[n] = self.model.loss_grad(self.theta, xb, yb, self.grad)
         self.buf[n + 1] = self.stop_signal
+        self.backend.synchronize()
         t1 = time.perf_counter()
         t_probe = self.optimizer.observe(self.theta, self.grad, lr, xb, yb)
         comm.allreduce_sum_(self.buf)
@@ -228,6 +232,7 @@ class Run:
             raise RunFailed(f"the training loss is {loss} at step {step + 1} "
                             "(the run diverged: lower optim.lr)")
         info = self.optimizer.step(self.theta, self.grad, lr, xb, yb)
+        self.backend.synchronize()
         t2 = time.perf_counter()
         self.grad_evals += self.optimizer.grad_evals_per_step
         comm_time = comm.seconds - comm_before
@@ -255,9 +260,6 @@ class Run:
         test_acc, wall_time (seconds). SIGTERM or SIGUSR1 on any rank: checkpoint at the
         current step and raise RunStopped. On RunFailed the metrics file is marked failed
         and the offending parameters are written to OUT/failed_state_step_N.h5."""
-        if self.start_step >= self.cfg["train"]["steps"]:
-            raise UsageError(f"{self.out} already holds {self.start_step} steps; to continue, "
-                             f"--set train.steps=N with N > {self.start_step}")
         handlers = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGUSR1)}
         try:
@@ -269,6 +271,16 @@ class Run:
                                  {"step": self.failed_at, "failure": str(e)})
                 self.metrics.append([], status="failed", failure=str(e))
                 log(f"the parameters at the failure are in {failed}")
+            raise
+        except RunStopped:
+            raise
+        except BaseException as e:
+            if self.metrics is not None:  # rank 0 itself failed: say so before MPI_Abort
+                try:
+                    self.metrics.append([], status="failed",
+                                        failure=f"{type(e).__name__}: {e}")
+                except Exception:  # noqa: BLE001 - never hide the original error
+                    pass
             raise
         finally:
             for sig, handler in handlers.items():

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from hessmpi.backend import synchronize, to_host
 from hessmpi.optim.info import StepInfo
 from hessmpi.optim.quasi_newton import FALLBACK_REASONS, direction
 
@@ -108,11 +109,13 @@ class Secant:
             if self.k == 1:
                 xp.multiply(grad, -eta_p, out=s_rows[0])
             else:
+                synchronize(xp)
                 t = time.perf_counter()
                 bounds = np.linspace(0, len(y), self.k + 1).astype(int)
                 for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
                     model.loss_grad(theta, x[a:b], y[a:b], s_rows[j])
                     s_rows[j] *= -eta_p
+                synchronize(xp)
                 seconds += time.perf_counter() - t
         else:
             scale = self.o["probe_sigma"] * max(float(xp.linalg.norm(theta)), 1.0)
@@ -124,8 +127,10 @@ class Secant:
                 s_rows[j][...] = xp.asarray(xi)
         for j in range(self.k):
             xp.add(theta, s_rows[j], out=self.work)
+            synchronize(xp)
             t = time.perf_counter()
             model.loss_grad(self.work, x, y, y_rows[j])
+            synchronize(xp)
             seconds += time.perf_counter() - t
             y_rows[j] -= grad
         return seconds
@@ -140,8 +145,10 @@ class Secant:
             self.xp.multiply(grad, lr, out=self.work)
             point -= self.work
             xb, yb = self.draw_batch()
+            synchronize(self.xp)
             t = time.perf_counter()
             self.model.loss_grad(point, xb, yb, grad)
+            synchronize(self.xp)
             seconds += time.perf_counter() - t
         y_rows[0] = grad
         return seconds
@@ -175,18 +182,21 @@ class Secant:
         active = 1 + self.filled * self.slot_rows
         # rows of each slot: per rank, k s-rows then k y-rows
         rows = np.arange(1, active).reshape(self.filled, self.comm.size, 2, self.k)
-        s_idx, y_idx = xp.asarray(rows[:, :, 0].ravel()), xp.asarray(rows[:, :, 1].ravel())
-        d = direction(self.gram[:active, :active], s_idx, y_idx, 0, eta=lr,
-                      curvature=o["curvature"], curvature_tol=o["curvature_tol"], h0=o["h0"],
-                      lsq_mu=o["lsq_mu"], max_step_ratio=o["max_step_ratio"], xp=xp)
+        s_idx, y_idx = rows[:, :, 0].ravel(), rows[:, :, 1].ravel()
+        # The (2m+1)^2 Gram matrix is tiny: its eigendecomposition and solves run on the host
+        # (NumPy) on every backend; on a GPU, dozens of tiny kernels and syncs cost ~3 ms.
+        gram = to_host(xp, self.gram[:active, :active])
+        d = direction(gram, s_idx, y_idx, 0, eta=lr, curvature=o["curvature"],
+                      curvature_tol=o["curvature_tol"], h0=o["h0"], lsq_mu=o["lsq_mu"],
+                      max_step_ratio=o["max_step_ratio"], xp=np)
         u = self.work
         if d.reason is None:
-            coef = xp.zeros(active, dtype=xp.float64)
+            coef = np.zeros(active)
             coef[0] = d.coef_g
             coef[s_idx] = d.coef_s
             coef[y_idx] = d.coef_y
             coef *= o["newton_lr"]
-            xp.matmul(coef.astype(W.dtype), W[:active], out=u)
+            xp.matmul(xp.asarray(coef, dtype=W.dtype), W[:active], out=u)
             self.counts["clipped"] += d.clipped
         else:
             xp.multiply(grad, lr, out=u)

@@ -1,0 +1,78 @@
+"""Start the installed ``hessmpi`` command as a subprocess, under ``mpiexec`` for training.
+
+HESSMPI_MPIEXEC names the launcher (the Makefile exports it; it may hold arguments, e.g.
+"srun --mpi=pmi2"); by default the ``mpiexec`` next to this Python.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+HESSMPI = str(BIN / "hessmpi")
+TIMEOUT = 90  # seconds for one command; a hang fails the test instead of the suite
+
+
+def mpiexec(n: int) -> list[str]:
+    launcher = os.environ.get("HESSMPI_MPIEXEC") or str(BIN / "mpiexec")
+    return [*shlex.split(launcher), "-n", str(n)]
+
+
+@dataclass
+class Result:
+    rc: int
+    stdout: str
+    stderr: str
+    elapsed: float
+
+    def __str__(self) -> str:
+        return (f"exit {self.rc} after {self.elapsed:.1f} s\n--- stdout\n{self.stdout}"
+                f"\n--- stderr\n{self.stderr}")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("HESSMPI_TRACEBACK", None)
+    env.setdefault("MPIEXEC_TIMEOUT", str(TIMEOUT))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run(args: list[str], *, cwd=None, timeout: float = TIMEOUT) -> Result:
+    """Run a command in its own process group; on timeout kill the whole group (mpiexec and
+    its ranks) and fail the test."""
+    started = time.perf_counter()
+    proc = subprocess.Popen([str(a) for a in args], cwd=cwd, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, args))} still running after {timeout} s\n"
+                    f"--- stdout\n{out}\n--- stderr\n{err}")
+    return Result(proc.returncode, out, err, time.perf_counter() - started)
+
+
+def hessmpi(*args, **kwargs) -> Result:
+    """``hessmpi ARGS`` without MPI (report, data, info)."""
+    return run([HESSMPI, *args], **kwargs)
+
+
+def train(*args, n: int = 2, **kwargs) -> Result:
+    """``mpiexec -n N hessmpi train ARGS``."""
+    return run([*mpiexec(n), HESSMPI, "train", *args], **kwargs)
+
+
+def set_args(sets: list[str]) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
