@@ -110,6 +110,7 @@ def _train(args) -> int:
 
     comm = Communicator(MPI.COMM_WORLD)
     try:
+        _check_launch(comm.size)
         resume = None
         if args.resume is not None:
             if args.config is not None or args.out is not None:
@@ -162,6 +163,25 @@ def _train(args) -> int:
               f"test accuracy {summary['test_acc']:.4f}; results in {out}/metrics.h5",
               flush=True)
     return 0
+
+
+def _check_launch(size: int) -> None:
+    """The MPI world must have the size the launcher started: srun with a PMI plugin the MPI
+    library does not speak (e.g. --mpi=none) starts N singletons that train apart.
+
+    The launcher's own count (PMI_SIZE, OMPI_COMM_WORLD_SIZE) is trusted first; without one,
+    inside a SLURM step, the step's task count (SLURM_STEP_NUM_TASKS) is expected. (The
+    wheel's mpiexec inside an allocation starts its proxies as a SLURM step of its own, but
+    sets PMI_SIZE for the ranks.)"""
+    env = os.environ
+    expected = env.get("PMI_SIZE") or env.get("OMPI_COMM_WORLD_SIZE")
+    source = "the launcher"
+    if not expected and env.get("SLURM_STEP_ID") is not None:
+        expected, source = env.get("SLURM_STEP_NUM_TASKS"), "SLURM"
+    if expected and expected.isdigit() and int(expected) != size:
+        raise UsageError(f"MPI sees {size} rank(s) but {source} started {expected} tasks: the "
+                         "ranks are not connected; launch with 'srun --mpi=pmi2' (the mpich "
+                         "wheel speaks PMI2) or the mpiexec of the MPI that mpi4py uses")
 
 
 def _resumable(comm, out: Path, overrides: list[str]):
