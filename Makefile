@@ -15,7 +15,7 @@ PYTEST  := $(BIN)/python -m pytest
 DATA    := data/digits.h5
 EXAMPLE := jobs/configs/digits_mlp.toml
 
-.PHONY: install run test test-unit test-mpi test-e2e bench lint clean
+.PHONY: install run test test-unit test-mpi test-e2e test-gpu test-slurm bench bench-gpu lint clean
 
 install: $(VENV)/.installed
 
@@ -28,12 +28,16 @@ $(VENV)/.installed: pyproject.toml
 $(DATA): | $(VENV)/.installed
 	$(BIN)/hessmpi data digits --out $@
 
+# The bundled example: the same MLP on the digits with SGD and with the secant method.
 run: install $(DATA)
-	rm -rf runs/example-sgd
+	rm -rf runs/example-sgd runs/example-secant
 	$(MPIEXEC) $(NP_FLAG) $(NP) $(BIN)/hessmpi train --config $(EXAMPLE) --out runs/example-sgd
-	$(BIN)/hessmpi report runs/example-sgd
+	$(MPIEXEC) $(NP_FLAG) $(NP) $(BIN)/hessmpi train --config $(EXAMPLE) --out runs/example-secant \
+	    --set optim.name=secant --set optim.lr=0.05
+	$(BIN)/hessmpi report runs/example-sgd runs/example-secant --plot runs/example.png
+	@echo "plot of both runs: runs/example.png"
 
-test: install test-unit test-mpi test-e2e
+test: install test-unit test-mpi test-e2e test-gpu test-slurm
 
 test-unit: install
 	$(PYTEST) -q tests/unit
@@ -45,8 +49,24 @@ test-mpi: install
 test-e2e: install
 	$(PYTEST) -q tests/e2e
 
+# Skipped, with the reason, where CuPy or a GPU is missing (as in CI).
+test-gpu: install
+	$(PYTEST) -q -rs tests/gpu
+
+# Starts a local one-host SLURM (Debian packages; needs root and apt, as in CI), runs the
+# job-script tests on it, stops it; elsewhere runs the tests that need no SLURM and says so.
+test-slurm: install
+	PATH="$(abspath $(BIN)):$$PATH" bash tests/slurm/run.sh
+
 bench: install
 	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/secant_step.py
+	$(BIN)/python benchmarks/checkpoint.py
+	$(BIN)/python benchmarks/convergence.py --quick
+
+# On a machine with a GPU (CuPy installed): GPU against CPU, SGD and secant.
+bench-gpu: install
+	$(BIN)/python benchmarks/gpu.py
 
 lint: install
 	$(BIN)/ruff check hessmpi tests benchmarks

@@ -250,6 +250,11 @@ def check_resume_overrides(overrides: list[str]) -> None:
 def _check_combinations(cfg: dict) -> None:
     """Rules that involve several keys."""
     o = cfg["optim"]
+    if (o["name"] == "secant" and o["pairs"] == "probe" and o["probe"] == "sgd"
+            and o["pairs_per_rank"] > cfg["train"]["batch_size"]):
+        raise UsageError(f"optim.pairs_per_rank = {o['pairs_per_rank']} is invalid with "
+                         f"train.batch_size = {cfg['train']['batch_size']}: the sgd probe "
+                         "splits each minibatch into pairs_per_rank sub-batches")
     if o["name"] == "secant" and o["pairs"] == "local" and o["pairs_per_rank"] != 1:
         raise UsageError(f"optim.pairs_per_rank = {o['pairs_per_rank']} is invalid with "
                          "optim.pairs = 'local': each rank's drift gives one pair; use 1")

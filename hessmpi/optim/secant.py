@@ -197,7 +197,15 @@ class Secant:
             coef[y_idx] = d.coef_y
             coef *= o["newton_lr"]
             xp.matmul(xp.asarray(coef, dtype=W.dtype), W[:active], out=u)
-            self.counts["clipped"] += d.clipped
+            # ||d|| from the Gram misses what under- or overflowed in it (s.s = 0 for a tiny
+            # s): hold the clip on the vector itself (u is identical on every rank).
+            limit = o["newton_lr"] * o["max_step_ratio"] * lr * float(gram[0, 0]) ** 0.5
+            u_norm = float(xp.linalg.norm(u))
+            clipped = d.clipped
+            if u_norm > limit:
+                u *= limit / u_norm
+                clipped = True
+            self.counts["clipped"] += clipped
         else:
             xp.multiply(grad, lr, out=u)
             self.counts[d.reason] += 1
