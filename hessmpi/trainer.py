@@ -98,12 +98,12 @@ class Run:
         self.cfg, self.comm, self.backend, self.out = cfg, comm, backend, out
         xp, dtype = backend.xp, backend.dtype
         tcfg = cfg["train"]
-        comm.collectively(prepare_output, comm, out, resume is not None)
         path = cfg["data"]["path"]
         train = comm.collectively(read_shard, path, "train", comm.rank, comm.size, equal=True)
         test = comm.collectively(read_shard, path, "test", comm.rank, comm.size, equal=False)
         self.sampler = comm.collectively(Sampler, len(train.y), tcfg["batch_size"],
                                          tcfg["seed"], comm.rank)
+        comm.collectively(prepare_output, comm, out, resume is not None)
         self.x_train, self.y_train = xp.asarray(train.x, dtype=dtype), xp.asarray(train.y)
         self.x_test, self.y_test = xp.asarray(test.x, dtype=dtype), xp.asarray(test.y)
         self.model = build_model(cfg["model"], train.x.shape[1], train.n_classes, xp=xp,
@@ -152,10 +152,13 @@ class Run:
                             else MetricsFile(path, attrs))
 
     # ----- checkpoints --------------------------------------------------------------------
-    def checkpoint_state(self, step: int, wall: float) -> tuple[dict, dict]:
-        """(arrays, attrs) of a checkpoint after ``step`` steps; a collective (samplers)."""
-        host = self.backend.to_host
+    def checkpoint_state(self, step: int, wall: float) -> tuple[dict, dict] | None:
+        """(arrays, attrs) of a checkpoint after ``step`` steps on rank 0, None elsewhere;
+        a collective (every rank's sampler position)."""
         samplers = self.comm.allgather((self.sampler.epoch, self.sampler.position))
+        if self.comm.rank != 0:
+            return None
+        host = self.backend.to_host
         arrays = {"params": host(self.theta), "sampler": np.array(samplers, dtype=np.int64)}
         arrays.update({f"optim/{k}": host(v) for k, v in self.optimizer.state().items()})
         attrs = {"step": step, "epoch": self.sampler.epochs_done, "grad_evals": self.grad_evals,
@@ -183,8 +186,9 @@ class Run:
             epoch, position = int(np.floor(attrs["epoch"])) + 1, 0
             if self.comm.rank == 0:
                 log(f"warning: resuming on {self.comm.size} ranks a run checkpointed on "
-                    f"{attrs['mpi_size']}: parameters and optimizer state restored, the data "
-                    f"re-sharded; the sample order changed (from epoch {epoch})")
+                    f"{attrs['mpi_size']}: parameters and momentum restored (a secant pair "
+                    f"memory starts empty), the data re-sharded; the sample order changed "
+                    f"(from epoch {epoch})")
         self.sampler.restore(int(epoch), int(position))
         self.start_step = int(attrs["step"])
         self.grad_evals = int(attrs["grad_evals"])
@@ -192,10 +196,10 @@ class Run:
 
     def save_checkpoint(self, step: int, wall: float) -> Path:
         """Write the checkpoint of ``step`` (rank 0 writes; every rank must call this)."""
-        arrays, attrs = self.checkpoint_state(step, wall)
+        state = self.checkpoint_state(step, wall)
         path = checkpoint_path(self.out, step)
-        if self.comm.rank == 0:
-            write_checkpoint(path, arrays, attrs)
+        if state is not None:
+            write_checkpoint(path, *state)
             prune(self.out, self.cfg["checkpoint"]["keep"])
         self.comm.barrier()
         return path
