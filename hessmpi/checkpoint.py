@@ -41,7 +41,7 @@ def checksum(arrays: dict[str, np.ndarray]) -> str:
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
+        h.update(memoryview(a).cast("B"))  # no copy (tobytes() would copy)
     return h.hexdigest()
 
 
@@ -124,6 +124,9 @@ def newest_valid(out: Path, accept, warn) -> Path:
 
 
 def prune(out: Path, keep: int) -> None:
-    """Remove all but the ``keep`` newest checkpoints (called after a new one is in place)."""
+    """Remove all but the ``keep`` newest checkpoints, and temporary files that a writer
+    killed mid-write left behind (called after a new checkpoint is in place)."""
     for _, path in list_checkpoints(out)[keep:]:
         path.unlink(missing_ok=True)
+    for tmp in checkpoint_dir(out).glob(".ckpt_*.h5.tmp*"):
+        tmp.unlink(missing_ok=True)

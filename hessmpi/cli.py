@@ -202,7 +202,17 @@ def _resumable(comm, out: Path, overrides: list[str]):
             raise UsageError(f"{out} holds no readable run to resume (metrics.h5: {e})") from None
 
         def accept(path, attrs):
-            differ = config.fixed_keys_differ(config.from_toml(attrs["config"]), own)
+            missing = [k for k in ("step", "epoch", "grad_evals", "wall_time", "config",
+                                   "mpi_size", "signature") if k not in attrs]
+            if missing:
+                raise CheckpointError(f"{path} is not a training checkpoint (no "
+                                      f"{', '.join(missing)})")
+            try:
+                theirs = config.from_toml(attrs["config"])
+            except (UsageError, ValueError) as e:  # ValueError: tomllib.TOMLDecodeError
+                raise CheckpointError(f"{path} holds a configuration this hessmpi cannot "
+                                      f"use ({e})") from None
+            differ = config.fixed_keys_differ(theirs, own)
             if differ:
                 raise CheckpointError(f"{path} belongs to another run ({', '.join(differ)} "
                                       "differ from this run's metrics.h5)")
