@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,38 @@ def newest_valid(out: Path, accept, warn) -> Path:
             warn(f"skipping checkpoint: {e}")
     raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(out)} "
                           f"({len(listed)} found, all damaged or foreign)")
+
+
+class BackgroundWriter:
+    """Writes one checkpoint at a time on a background thread, so training goes on while
+    the file is written, checksummed and fsynced. ``submit`` takes arrays it may keep (the
+    caller passes copies); ``wait`` joins the write in flight and re-raises its error."""
+
+    def __init__(self, out: Path, keep: int):
+        self.out, self.keep = Path(out), keep
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _write(self, path: Path, arrays: dict, attrs: dict) -> None:
+        try:
+            write_checkpoint(path, arrays, attrs)
+            prune(self.out, self.keep)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = e
+
+    def submit(self, path: Path, arrays: dict, attrs: dict) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(path, arrays, attrs),
+                                        name="hessmpi-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def prune(out: Path, keep: int) -> None:

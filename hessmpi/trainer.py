@@ -23,7 +23,7 @@ import numpy as np
 from hessmpi import __version__
 from hessmpi import config as config_mod
 from hessmpi.backend import Backend
-from hessmpi.checkpoint import CheckpointError, checkpoint_path, prune, write_checkpoint
+from hessmpi.checkpoint import BackgroundWriter, CheckpointError, checkpoint_path, write_checkpoint
 from hessmpi.comm import Communicator
 from hessmpi.data import Sampler, read_shard
 from hessmpi.errors import RunFailed, RunStopped, UsageError
@@ -131,6 +131,7 @@ class Run:
                 raise UsageError(f"{out} already holds {self.start_step} steps; to continue, "
                                  f"--set train.steps=N with N > {self.start_step}")
         self.metrics = None
+        self.writer = BackgroundWriter(out, cfg["checkpoint"]["keep"])
         if comm.rank == 0:
             attrs = {
                 "hessmpi_version": __version__,
@@ -158,7 +159,9 @@ class Run:
         samplers = self.comm.allgather((self.sampler.epoch, self.sampler.position))
         if self.comm.rank != 0:
             return None
-        host = self.backend.to_host
+        def host(a):  # a copy the background writer may keep while training goes on
+            return np.array(self.backend.to_host(a), copy=True)
+
         arrays = {"params": host(self.theta), "sampler": np.array(samplers, dtype=np.int64)}
         arrays.update({f"optim/{k}": host(v) for k, v in self.optimizer.state().items()})
         attrs = {"step": step, "epoch": self.sampler.epochs_done, "grad_evals": self.grad_evals,
@@ -195,14 +198,21 @@ class Run:
         self.wall_offset = float(attrs["wall_time"])
 
     def save_checkpoint(self, step: int, wall: float) -> Path:
-        """Write the checkpoint of ``step`` (rank 0 writes; every rank must call this)."""
+        """Start writing the checkpoint of ``step``: rank 0 copies the state and its
+        background writer writes it; every rank must call this (it gathers the samplers)."""
         state = self.checkpoint_state(step, wall)
         path = checkpoint_path(self.out, step)
         if state is not None:
-            write_checkpoint(path, *state)
-            prune(self.out, self.cfg["checkpoint"]["keep"])
-        self.comm.barrier()
+            self.writer.submit(path, *state)
         return path
+
+    def _finish_writing(self) -> None:
+        """On a failure: let the checkpoint in flight (the last good state) reach the disk;
+        an error of its own is reported, not raised over the failure being handled."""
+        try:
+            self.writer.wait()
+        except Exception as e:  # noqa: BLE001
+            log(f"warning: the last checkpoint could not be written: {e}")
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
@@ -269,6 +279,7 @@ class Run:
         try:
             return self._run()
         except RunFailed as e:
+            self._finish_writing()
             if self.metrics is not None:
                 failed = self.out / f"failed_state_step_{self.failed_at:09d}.h5"
                 write_checkpoint(failed, {"params": self.backend.to_host(self.theta)},
@@ -279,6 +290,7 @@ class Run:
         except RunStopped:
             raise
         except BaseException as e:
+            self._finish_writing()
             if self.metrics is not None:  # rank 0 itself failed: say so before MPI_Abort
                 try:
                     self.metrics.append([], status="failed",
@@ -337,12 +349,14 @@ class Run:
             if (every and done % every == 0) or last or self.stop_requested:
                 path = self.save_checkpoint(done, time.perf_counter() - started)
             if self.stop_requested and not last:
+                self.writer.wait()
                 if self.metrics is not None:
                     progress.close()
                     self.metrics.append([], status="stopped")
                 raise RunStopped(f"stopped by a signal after step {done}; checkpoint {path}; "
                                  f"continue with: hessmpi train --resume {self.out}")
         wall = time.perf_counter() - started
+        self.writer.wait()
         if self.metrics is not None:
             progress.close()
             self.metrics.append([], status="finished", wall_time_total=wall,
