@@ -64,9 +64,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue the run in directory OUT from its newest valid checkpoint "
                         "(--set train.steps=N extends it)")
 
-    r = sub.add_parser("report", help="a table over finished or running runs")
+    r = sub.add_parser("report", help="a table over finished or running runs",
+                       description="One row per run directory (running, stopped, finished "
+                       "or failed runs alike): method, ranks, backend, steps, final and best "
+                       "training loss, test accuracy, wall time, fallback rate and the median "
+                       "split of a step into gradient, communication and solve (ms).")
     r.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories")
     r.add_argument("--csv", type=Path, help="also write the table as CSV to this file")
+    r.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="also draw training loss against steps and against wall time, and "
+                        "test accuracy, one line per run (needs matplotlib: hessmpi[report])")
+    r.add_argument("--target-loss", type=float, metavar="LOSS",
+                   help="add columns to_loss_steps, to_loss_s: the first logged step (and its "
+                        "wall time) with training loss <= LOSS")
+    r.add_argument("--target-acc", type=float, metavar="ACC",
+                   help="add columns to_acc_steps, to_acc_s: the first evaluation with test "
+                        "accuracy >= ACC (a fraction, e.g. 0.95)")
 
     d = sub.add_parser("data", help="build an HDF5 dataset file")
     dsub = d.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -261,7 +274,11 @@ def _info(args) -> int:
 def _report(args) -> int:
     from hessmpi.report import report
 
-    print(report(args.runs, csv_path=args.csv))
+    print(report(args.runs, csv_path=args.csv, plot_path=args.plot,
+                 target_loss=args.target_loss, target_acc=args.target_acc), flush=True)
+    for what, path in (("table", args.csv), ("plot", args.plot)):
+        if path is not None:
+            print(f"hessmpi: wrote the {what} to {path}", file=sys.stderr, flush=True)
     return 0
 
 

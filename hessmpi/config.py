@@ -38,10 +38,14 @@ class Option:
 
 SCHEMA: dict[str, dict[str, Option]] = {
     "model": {
-        "name": Option("softmax", "str", "softmax (multinomial logistic regression) or mlp",
-                       choices=("softmax", "mlp")),
+        "name": Option("softmax", "str", "softmax (multinomial logistic regression), mlp, or "
+                       "autoencoder (deep autoencoder of the inputs: logistic units, linear "
+                       "code layer, cross-entropy reconstruction)",
+                       choices=("softmax", "mlp", "autoencoder")),
         "hidden": Option([256, 256], "int_list", "MLP hidden layer widths (ignored by softmax)"),
         "activation": Option("relu", "str", "MLP hidden activation", choices=("relu", "tanh")),
+        "encoder": Option([1000, 500, 250, 30], "int_list", "autoencoder encoder widths, the "
+                          "last is the code; the decoder mirrors them"),
         "l2": Option(1e-4, "float", "L2 penalty (l2/2)*||theta||^2 in the objective", low=0.0),
     },
     "data": {

@@ -1,9 +1,23 @@
-"""``hessmpi report``: one row per run, read from each run's metrics.h5 (running runs too)."""
+"""``hessmpi report``: one row per run, read from each run's metrics.h5 (running runs too),
+as an aligned table, a CSV file, and a figure of the training curves.
+
+Columns: ``run``; ``method`` (optimizer and its key options); ``ranks``; ``batch`` (per rank);
+``backend``; ``status`` (running, stopped, finished, failed); ``steps`` (the last logged
+step); ``grad_evals`` (per rank); ``final_loss`` and ``best_loss`` (the minibatch training
+objective of the logged rows); ``test_acc`` (the last evaluation); ``wall_s`` (training wall
+time); ``fallback_rate`` (share of the logged steps that fell back to SGD); ``t_grad_ms``,
+``t_comm_ms``, ``t_solve_ms`` (medians over the logged rows of the per-step seconds in
+gradient evaluation, MPI collectives and the optimizer update). With a target,
+``to_loss_steps``/``to_loss_s`` (the first logged step, and its wall time, whose training
+loss is at or below ``--target-loss``) and ``to_acc_steps``/``to_acc_s`` (the first
+evaluation at or above ``--target-acc``); ``-`` where not reached.
+"""
 
 from __future__ import annotations
 
 import csv
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +29,11 @@ from hessmpi.metrics import read_metrics
 HEADER = ("run", "method", "ranks", "batch", "backend", "status", "steps", "grad_evals",
           "final_loss", "best_loss", "test_acc", "wall_s", "fallback_rate", "t_grad_ms",
           "t_comm_ms", "t_solve_ms")
+LOSS_TARGET_COLUMNS = ("to_loss_steps", "to_loss_s")
+ACC_TARGET_COLUMNS = ("to_acc_steps", "to_acc_s")
+
+#: A run that is being written may be caught between two writes of its metrics.h5: retries.
+READ_ATTEMPTS, READ_PAUSE = 4, 0.25
 
 
 def _last_finite(a: np.ndarray) -> float:
@@ -22,35 +41,100 @@ def _last_finite(a: np.ndarray) -> float:
     return float(finite[-1]) if finite.size else math.nan
 
 
-def summarize(run: Path) -> dict:
-    """The table row of one run directory; UsageError naming it if it is missing or damaged."""
+def method_label(ocfg: dict) -> str:
+    """The optimizer and its key options, e.g. ``secant lr=0.05 mom=0.9 K=1 bfgs a=0.2``."""
+    label = f"{ocfg['name']} lr={ocfg['lr']:g} mom={ocfg['momentum']:g}"
+    if ocfg.get("nesterov"):
+        label += " nesterov"
+    if ocfg.get("weight_decay"):
+        label += f" wd={ocfg['weight_decay']:g}"
+    if ocfg.get("schedule", "constant") != "constant":
+        label += f" {ocfg['schedule']}"
+    if ocfg["name"] == "secant":
+        pairs = ocfg.get("pairs", "probe")
+        source = f"probe-{ocfg.get('probe', 'sgd')}" if pairs == "probe" else pairs
+        label += (f" K={ocfg.get('memory', 1)} {ocfg.get('curvature', 'bfgs')} {source}"
+                  f" a={ocfg.get('newton_lr', 0):g}")
+    return label
+
+
+def load_run(run: Path) -> tuple[dict, dict, dict[str, np.ndarray]]:
+    """(root attributes, configuration, {column: array}) of run directory ``run``; the
+    columns cut to a common length (a run being written). UsageError naming the run if it is
+    missing or damaged."""
     path = run / "metrics.h5"
     if not path.is_file():
         raise UsageError(f"{run}: no metrics.h5 (not a hessmpi run directory)")
-    try:
-        attrs, cols = read_metrics(path)
-        cfg = config_mod.from_toml(attrs["config"])
-    except (OSError, KeyError, ValueError, UsageError) as e:
-        raise UsageError(f"{run}: metrics.h5 is damaged or not a hessmpi results file "
-                         f"({e})") from None
-    ocfg = cfg["optim"]
-    method = f"{ocfg['name']} lr={ocfg['lr']:g} mom={ocfg['momentum']:g}"
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            attrs, cols = read_metrics(path)
+            cfg = config_mod.from_toml(attrs["config"])
+            break
+        except (OSError, KeyError, ValueError, UsageError) as e:
+            if attempt == READ_ATTEMPTS - 1:
+                raise UsageError(f"{run}: metrics.h5 is damaged or not a hessmpi results "
+                                 f"file ({e})") from None
+            time.sleep(READ_PAUSE)
+    n = min((len(c) for c in cols.values()), default=0)
+    return attrs, cfg, {name: c[:n] for name, c in cols.items()}
+
+
+def _first_reached(cols: dict, column: str, reached) -> tuple[float, float]:
+    """(step, wall seconds) of the first row whose ``column`` satisfies ``reached``."""
+    values = cols[column]
+    with np.errstate(invalid="ignore"):
+        hits = np.flatnonzero(np.isfinite(values) & reached(values))
+    if not hits.size:
+        return math.nan, math.nan
+    i = int(hits[0])
+    return int(cols["step"][i]), float(cols["wall_time"][i])
+
+
+def summarize(run: Path, *, target_loss: float | None = None,
+              target_acc: float | None = None) -> dict:
+    """The table row of one run directory; UsageError naming it if it is missing or damaged.
+    The target columns are there only when their target is given."""
+    return _row(run, *load_run(run), target_loss=target_loss, target_acc=target_acc)
+
+
+def _row(run: Path, attrs: dict, cfg: dict, cols: dict, *, target_loss: float | None,
+         target_acc: float | None) -> dict:
     steps = int(cols["step"][-1]) if len(cols["step"]) else 0
+
     def median_ms(c):
-        return (float(np.median(cols[c])) * 1e3 if len(cols[c]) else math.nan)
-    return {
-        "run": str(run), "method": method, "ranks": int(attrs.get("mpi_size", 0)),
-        "batch": cfg["train"]["batch_size"], "backend": attrs.get("backend", "?"),
-        "status": attrs.get("status", "?"), "steps": steps,
+        return float(np.median(cols[c])) * 1e3 if len(cols[c]) else math.nan
+
+    loss = cols["train_loss"]
+    finite_loss = loss[np.isfinite(loss)]
+    row = {
+        "run": str(run), "method": method_label(cfg["optim"]),
+        "ranks": int(attrs.get("mpi_size", 0)), "batch": cfg["train"]["batch_size"],
+        "backend": attrs.get("backend", "?"), "status": attrs.get("status", "?"),
+        "steps": steps,
         "grad_evals": int(cols["grad_evals"][-1]) if steps else 0,
-        "final_loss": float(cols["train_loss"][-1]) if steps else math.nan,
-        "best_loss": float(np.nanmin(cols["train_loss"])) if steps else math.nan,
+        "final_loss": float(loss[-1]) if steps else math.nan,
+        "best_loss": float(finite_loss.min()) if finite_loss.size else math.nan,
         "test_acc": _last_finite(cols["test_acc"]),
         "wall_s": float(cols["wall_time"][-1]) if steps else math.nan,
         "fallback_rate": float(np.mean(cols["fallback"])) if steps else math.nan,
         "t_grad_ms": median_ms("t_grad"), "t_comm_ms": median_ms("t_comm"),
         "t_solve_ms": median_ms("t_solve"),
     }
+    if target_loss is not None:
+        row.update(zip(LOSS_TARGET_COLUMNS,
+                       _first_reached(cols, "train_loss", lambda v: v <= target_loss),
+                       strict=True))
+    if target_acc is not None:
+        row.update(zip(ACC_TARGET_COLUMNS,
+                       _first_reached(cols, "test_acc", lambda v: v >= target_acc),
+                       strict=True))
+    return row
+
+
+def header(target_loss: float | None = None, target_acc: float | None = None) -> tuple:
+    """The columns of a report with these targets."""
+    return (HEADER + (LOSS_TARGET_COLUMNS if target_loss is not None else ())
+            + (ACC_TARGET_COLUMNS if target_acc is not None else ()))
 
 
 def _cell(value) -> str:
@@ -59,15 +143,96 @@ def _cell(value) -> str:
     return str(value)
 
 
-def report(runs: list[Path], csv_path: Path | None = None) -> str:
-    """The table over ``runs`` as aligned text; also written as CSV to ``csv_path``."""
-    rows = [summarize(Path(r)) for r in runs]
+def check_targets(target_loss: float | None, target_acc: float | None) -> None:
+    """UsageError for a target that no run can meaningfully reach."""
+    if target_loss is not None and not (math.isfinite(target_loss) and target_loss >= 0):
+        raise UsageError(f"--target-loss {target_loss}: expected a training loss >= 0")
+    if target_acc is not None and not (0 < target_acc <= 1):
+        raise UsageError(f"--target-acc {target_acc}: expected a test accuracy in (0, 1], "
+                         "e.g. 0.95")
+
+
+def report(runs: list[Path], csv_path: Path | None = None, *, plot_path: Path | None = None,
+           target_loss: float | None = None, target_acc: float | None = None) -> str:
+    """The table over ``runs`` as aligned text; also written as CSV to ``csv_path`` and drawn
+    to ``plot_path`` (PNG). Every run is read before anything is written."""
+    check_targets(target_loss, target_acc)
+    runs = [Path(r) for r in runs]
+    loaded = [(r, *load_run(r)) for r in runs]
+    rows = [_row(*run, target_loss=target_loss, target_acc=target_acc) for run in loaded]
+    columns = header(target_loss, target_acc)
+    if plot_path is not None:
+        plot(loaded, plot_path, target_loss=target_loss, target_acc=target_acc)
     if csv_path is not None:
-        with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=HEADER)
-            writer.writeheader()
-            writer.writerows(rows)
-    table = [HEADER] + [tuple(_cell(r[h]) for h in HEADER) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(HEADER))]
+        try:
+            with open(csv_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+        except OSError as e:
+            raise UsageError(f"cannot write {csv_path}: {e.strerror or e}") from None
+    table = [columns] + [tuple(_cell(r[h]) for h in columns) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                      for row in table)
+
+
+def plot(runs: list, path: Path, *, target_loss: float | None = None,
+         target_acc: float | None = None) -> None:
+    """A PNG of three panels, one labelled line per run: training loss against steps and
+    against wall time, and test accuracy against steps. ``runs``: run directories, or
+    (run, attrs, cfg, cols) tuples of :func:`load_run` already read."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'hessmpi[report]'") from None
+
+    fig, (ax_step, ax_time, ax_acc) = plt.subplots(1, 3, figsize=(16, 5.2),
+                                                   layout="constrained")
+    log_scale = True
+    loaded = [r if isinstance(r, tuple) else (Path(r), *load_run(Path(r))) for r in runs]
+    for i, (run, attrs, cfg, cols) in enumerate(loaded):
+        status = attrs.get("status", "?")
+        label = (f"{run.name or run}: {method_label(cfg['optim'])}, "
+                 f"{attrs.get('mpi_size', '?')} ranks")
+        if status != "finished":
+            label += f" ({status})"
+        color = f"C{i % 10}"
+        loss = cols["train_loss"]
+        ok = np.isfinite(loss)
+        log_scale &= bool(np.all(loss[ok] > 0))
+        ax_step.plot(cols["step"][ok], loss[ok], color=color, lw=1.4, label=label)
+        ax_time.plot(cols["wall_time"][ok], loss[ok], color=color, lw=1.4)
+        acc = cols["test_acc"]
+        evaluated = np.isfinite(acc)
+        ax_acc.plot(cols["step"][evaluated], acc[evaluated], color=color, lw=1.4,
+                    marker="o", ms=4)
+    for ax in (ax_step, ax_time):
+        if log_scale:
+            ax.set_yscale("log")
+        ax.set_ylabel("training loss (minibatch objective)")
+        if target_loss is not None:
+            ax.axhline(target_loss, color="0.4", ls="--", lw=1)
+    ax_step.set_xlabel("optimizer steps")
+    ax_step.set_title("training loss against steps")
+    ax_time.set_xlabel("wall time (s)")
+    ax_time.set_title("training loss against wall time")
+    ax_acc.set_xlabel("optimizer steps")
+    ax_acc.set_ylabel("test accuracy")
+    ax_acc.set_title("test accuracy")
+    if target_acc is not None:
+        ax_acc.axhline(target_acc, color="0.4", ls="--", lw=1)
+    for ax in (ax_step, ax_time, ax_acc):
+        ax.grid(True, which="major", alpha=0.3)
+    handles, labels = ax_step.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 2) or 1,
+               frameon=False)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)

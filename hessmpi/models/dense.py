@@ -1,9 +1,13 @@
-"""A fully connected classifier on one flat parameter vector, with softmax cross-entropy.
+"""A fully connected network on one flat parameter vector, with a cross-entropy loss.
 
-With no hidden layer it is multinomial logistic regression (``model.name = "softmax"``);
-with hidden layers and ReLU or tanh units it is the MLP. The objective is
+With no hidden layer and the softmax output it is multinomial logistic regression
+(``model.name = "softmax"``); with hidden layers and ReLU or tanh units it is the MLP; with
+logistic units, a linear code layer and the sigmoid output it is the deep autoencoder
+(Hinton & Salakhutdinov 2006), whose targets are its inputs. The objective is
 
-    F(theta) = mean_i CE(softmax(f(x_i; theta)), y_i) + (l2/2) * ||theta||^2
+    F(theta) = mean_i CE(softmax(f(x_i; theta)), y_i) + (l2/2) * ||theta||^2     (softmax)
+    F(theta) = mean_i sum_j BCE(sigmoid(f(x_i; theta))_j, x_ij) + (l2/2) * ||theta||^2
+                                                                                (sigmoid)
 
 Layout of theta (n,): for each layer l, W_l (fan_in, fan_out) row-major, then b_l (fan_out,).
 Everything is vectorised over the batch: a batch is x (B, d) and y (B,) int64 labels.
@@ -16,17 +20,29 @@ from typing import Any
 
 import numpy as np
 
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "linear")
+
 
 class DenseNet:
-    """sizes: [d, h_1, ..., h_k, C] layer widths; activation: "relu" or "tanh" (hidden
-    layers only); l2: the L2 coefficient; xp, dtype: array module and floating type."""
+    """sizes: [d, h_1, ..., h_k, C] layer widths; activation: of every hidden layer, one of
+    ACTIVATIONS, or ``activations``: one per hidden layer; l2: the L2 coefficient; output:
+    "softmax" (classes, labels y) or "sigmoid" (independent outputs, targets = the inputs x,
+    so C = d); init: "gaussian" (variance gain/fan_in, zeros without hidden layers) or
+    "sparse" (Martens 2010: 15 non-zero unit-Gaussian weights into each unit); xp, dtype:
+    array module and floating type."""
 
     def __init__(self, sizes: list[int], activation: str, l2: float, *, xp: Any = np,
-                 dtype: Any = np.float64):
-        if activation not in ("relu", "tanh"):
-            raise ValueError(f"activation must be 'relu' or 'tanh', not {activation!r}")
+                 dtype: Any = np.float64, activations: list[str] | None = None,
+                 output: str = "softmax", init: str = "gaussian"):
+        acts = list(activations) if activations is not None else [activation] * (len(sizes) - 2)
+        if len(acts) != len(sizes) - 2 or any(a not in ACTIVATIONS for a in acts):
+            raise ValueError(f"activations must be {len(sizes) - 2} of {ACTIVATIONS}, not {acts}")
+        if output not in ("softmax", "sigmoid") or init not in ("gaussian", "sparse"):
+            raise ValueError(f"unknown output {output!r} or init {init!r}")
+        if output == "sigmoid" and sizes[-1] != sizes[0]:
+            raise ValueError("the sigmoid output reconstructs its input: sizes[-1] == sizes[0]")
         self.sizes = list(sizes)
-        self.activation = activation
+        self.activations, self.output, self.init = acts, output, init
         self.l2 = float(l2)
         self.xp = xp
         self.dtype = np.dtype(dtype)
@@ -47,16 +63,22 @@ class DenseNet:
         return out
 
     def init_params(self, seed: int) -> np.ndarray:
-        """Initial theta (n,) on the host: zeros for softmax regression; for the MLP Gaussian
-        weights of variance gain/fan_in (gain 2 before ReLU, 1 otherwise), zero biases."""
+        """Initial theta (n,) on the host, zero biases. "gaussian": zeros without hidden
+        layers, else weights of variance gain/fan_in (gain 2 before ReLU, 1 otherwise).
+        "sparse": 15 (or fan_in, if fewer) unit-Gaussian weights into each unit, the rest 0."""
         theta = np.zeros(self.n_params, dtype=self.dtype)
-        if len(self._layers) == 1:
+        if len(self._layers) == 1 and self.init == "gaussian":
             return theta
         rng = np.random.default_rng(seed)
         for layer, (w, _) in enumerate(self.views(theta)):
-            hidden = layer < len(self._layers) - 1
-            gain = 2.0 if hidden and self.activation == "relu" else 1.0
-            w[...] = rng.standard_normal(w.shape) * np.sqrt(gain / w.shape[0])
+            if self.init == "sparse":
+                k = min(15, w.shape[0])
+                for unit in range(w.shape[1]):
+                    rows = rng.choice(w.shape[0], size=k, replace=False)
+                    w[rows, unit] = rng.standard_normal(k)
+                continue
+            relu = layer < len(self.activations) and self.activations[layer] == "relu"
+            w[...] = rng.standard_normal(w.shape) * np.sqrt((2.0 if relu else 1.0) / w.shape[0])
         return theta
 
     # ----- forward and backward -----------------------------------------------------------
@@ -67,20 +89,36 @@ class DenseNet:
         for l, (w, b) in enumerate(layers):
             z = xp.matmul(acts[-1], w)
             z += b
-            if l < len(layers) - 1:
-                if self.activation == "relu":
-                    xp.maximum(z, 0, out=z)
-                else:
-                    xp.tanh(z, out=z)
+            kind = self.activations[l] if l < len(layers) - 1 else "linear"
+            if kind == "relu":
+                xp.maximum(z, 0, out=z)
+            elif kind == "tanh":
+                xp.tanh(z, out=z)
+            elif kind == "sigmoid":
+                _sigmoid_(xp, z)
             acts.append(z)
         return acts
 
-    def _act_derivative_(self, u, a) -> None:
-        """u *= sigma'(z) where a = sigma(z), in place."""
-        if self.activation == "relu":
+    def _act_derivative_(self, u, a, l: int) -> None:
+        """u *= sigma'(z) for hidden layer l, where a = sigma(z), in place."""
+        kind = self.activations[l]
+        if kind == "relu":
             u *= a > 0
-        else:
+        elif kind == "tanh":
             u *= 1 - a * a
+        elif kind == "sigmoid":
+            u *= a * (1 - a)
+
+    def _output(self, logits, x, y):
+        """(mean loss over the batch as a 0-d array, output probabilities (B, C)).
+        Overwrites logits; the targets are y (softmax) or x (sigmoid)."""
+        if self.output == "softmax":
+            return self._softmax_ce(logits, y)
+        xp = self.xp
+        # sum_j softplus(z) - t z, with softplus(z) = max(z, 0) + log1p(exp(-|z|))
+        loss = (xp.maximum(logits, 0) - logits * x + xp.log1p(xp.exp(-xp.abs(logits)))).sum()
+        _sigmoid_(xp, logits)
+        return loss / len(x), logits
 
     def _softmax_ce(self, logits, y):
         """(mean cross-entropy as a 0-d array, probabilities (B, C)). Overwrites logits."""
@@ -93,6 +131,15 @@ class DenseNet:
         logits /= total
         return loss, logits
 
+    def _output_delta(self, p, x, y):
+        """dF/dlogits (B, C) from the output probabilities p (overwritten)."""
+        if self.output == "softmax":
+            p[self.xp.arange(len(y)), y] -= 1
+        else:
+            p -= x
+        p /= len(p)
+        return p
+
     def _backward(self, layers, acts, delta, grad) -> None:
         """grad <- J^T delta: back-propagate the output sensitivities delta (B, C) through
         the network at activations ``acts``, writing dW, db into the flat vector ``grad``."""
@@ -104,7 +151,7 @@ class DenseNet:
             delta.sum(axis=0, out=gb)
             if l > 0:
                 delta = xp.matmul(delta, layers[l][0].T)
-                self._act_derivative_(delta, acts[l])
+                self._act_derivative_(delta, acts[l], l - 1)
 
     def _penalty(self, theta):
         return 0.5 * self.l2 * self.xp.dot(theta, theta)
@@ -112,18 +159,15 @@ class DenseNet:
     def loss(self, theta, x, y):
         """F on the batch (x (B, d), y (B,)) at theta, as a 0-d array; forward pass only."""
         acts = self._forward(self.views(theta), x)
-        loss, _ = self._softmax_ce(acts[-1], y)
+        loss, _ = self._output(acts[-1], x, y)
         return loss + self._penalty(theta)
 
     def loss_grad(self, theta, x, y, grad):
         """F on the batch at theta (0-d array); writes grad F (n,) into ``grad``."""
-        xp = self.xp
         layers = self.views(theta)
         acts = self._forward(layers, x)
-        loss, delta = self._softmax_ce(acts[-1], y)
-        delta[xp.arange(len(y)), y] -= 1
-        delta /= len(y)
-        self._backward(layers, acts, delta, grad)
+        loss, p = self._output(acts[-1], x, y)
+        self._backward(layers, acts, self._output_delta(p, x, y), grad)
         if self.l2:
             grad += self.l2 * theta
         return loss + self._penalty(theta)
@@ -145,12 +189,15 @@ class DenseNet:
             if r_act is not None:
                 r_z += xp.matmul(r_act, w)
             if l < len(layers) - 1:
-                self._act_derivative_(r_z, acts[l + 1])
+                self._act_derivative_(r_z, acts[l + 1], l)
             r_act = r_z
-        _, p = self._softmax_ce(acts[-1], y)
+        _, p = self._output(acts[-1], x, y)
         delta = p * r_act
-        delta -= p * delta.sum(axis=1, keepdims=True)
-        delta /= len(y)
+        if self.output == "softmax":    # H = diag(p) - p p^T per sample
+            delta -= p * delta.sum(axis=1, keepdims=True)
+        else:                           # H = diag(p (1 - p))
+            delta -= p * delta
+        delta /= len(x)
         if out is None:
             out = xp.empty_like(theta)
         self._backward(layers, acts, delta, out)
@@ -158,15 +205,26 @@ class DenseNet:
             out += self.l2 * v
         return out
 
-    def evaluate(self, theta, x, y, chunk: int = 4096) -> tuple[float, int]:
-        """(sum over samples of the cross-entropy, number classified correctly) on x, y,
-        in chunks of ``chunk`` rows; the L2 term is not included."""
+    def evaluate(self, theta, x, y, chunk: int = 4096) -> tuple[float, float]:
+        """(sum over samples of the loss, number classified correctly) on x, y, in chunks of
+        ``chunk`` rows; the L2 term is not included. The sigmoid output classifies nothing:
+        its count is NaN."""
         layers = self.views(theta)
-        loss_sum, correct = 0.0, 0
+        softmax = self.output == "softmax"
+        loss_sum, correct = 0.0, 0 if softmax else float("nan")
         for start in range(0, len(y), chunk):
             xb, yb = x[start:start + chunk], y[start:start + chunk]
             logits = self._forward(layers, xb)[-1]
-            correct += int((logits.argmax(axis=1) == yb).sum())
-            loss, _ = self._softmax_ce(logits, yb)
+            if softmax:
+                correct += int((logits.argmax(axis=1) == yb).sum())
+            loss, _ = self._output(logits, xb, yb)
             loss_sum += float(loss) * len(yb)
         return loss_sum, correct
+
+
+def _sigmoid_(xp, z) -> None:
+    """z <- 1 / (1 + exp(-z)) in place, without overflow for large |z|."""
+    xp.negative(z, out=z)
+    xp.exp(xp.minimum(z, 80.0, out=z), out=z)
+    z += 1
+    xp.reciprocal(z, out=z)

@@ -360,8 +360,12 @@ def test_float32_is_close_to_float64(case):
 
 # ----- construction ---------------------------------------------------------------------------
 def test_unknown_activation_is_refused():
-    with pytest.raises(ValueError, match="sigmoid"):
-        DenseNet([3, 4, 2], "sigmoid", 0.0)
+    with pytest.raises(ValueError, match="softsign"):
+        DenseNet([3, 4, 2], "softsign", 0.0)
+    with pytest.raises(ValueError, match="activations"):
+        DenseNet([3, 4, 5, 2], "relu", 0.0, activations=["relu"])
+    with pytest.raises(ValueError, match="reconstructs"):
+        DenseNet([3, 4, 2], "relu", 0.0, output="sigmoid")
 
 
 def test_build_model_layer_sizes():
@@ -371,4 +375,4 @@ def test_build_model_layer_sizes():
     mlp = build_model({**cfg, "name": "mlp"}, 10, 3, xp=np, dtype=np.float32)
     assert mlp.sizes == [10, 64, 32, 3]
     assert mlp.n_params == 10 * 64 + 64 + 64 * 32 + 32 + 32 * 3 + 3
-    assert mlp.activation == "tanh" and mlp.dtype == np.float32
+    assert mlp.activations == ["tanh", "tanh"] and mlp.dtype == np.float32
