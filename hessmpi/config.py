@@ -75,6 +75,11 @@ SCHEMA: dict[str, dict[str, Option]] = {
                            low=0.0),
         "probe_sigma": Option(1e-3, "float", "length of the random probe relative to "
                               "max(||theta||, 1)", low=0.0, low_open=True),
+        "probe_every": Option(1, "int", "T: form new pairs every T steps (cost 1 + cost of "
+                              "the probe / T gradients per step)", low=1),
+        "probe_batch": Option(1.0, "float", "fraction of each minibatch the probe uses (< 1: "
+                              "also its base gradient there, cost 2 * fraction)",
+                              low=0.0, low_open=True, high=1.0),
         "local_steps": Option(4, "int", "SGD gradient evaluations per synchronisation of "
                               "pairs = local", low=2),
         "pairs_per_rank": Option(1, "int", "k: pairs each rank adds per step", low=1),
@@ -89,6 +94,13 @@ SCHEMA: dict[str, dict[str, Option]] = {
                             low=0.0, low_open=True),
         "max_step_ratio": Option(10.0, "float", "clip ||d|| <= ratio * ||lr * g_bar||",
                                  low=0.0, low_open=True),
+        "line_search": Option("none", "str", "backtracking (Armijo) on the global minibatch "
+                              "objective, starting at newton_lr (ALGORITHM.md s.8)",
+                              choices=("none", "armijo")),
+        "ls_c1": Option(1e-4, "float", "c1 of the Armijo condition", low=0.0, low_open=True,
+                        high=1.0),
+        "ls_max_trials": Option(5, "int", "trial steps (halving) before the SGD fallback",
+                                low=1),
         "exchange": Option("allgather", "str", "how pairs move between ranks",
                            choices=("allgather",)),
         "check_every": Option(100, "int", "steps between checks that all ranks hold identical "
@@ -259,6 +271,10 @@ def _check_combinations(cfg: dict) -> None:
         raise UsageError(f"optim.pairs_per_rank = {o['pairs_per_rank']} is invalid with "
                          f"train.batch_size = {cfg['train']['batch_size']}: the sgd probe "
                          "splits each minibatch into pairs_per_rank sub-batches")
+    if o["name"] == "secant" and o["pairs"] == "local" and (o["probe_every"] != 1
+                                                            or o["probe_batch"] != 1.0):
+        raise UsageError("optim.probe_every and optim.probe_batch apply to optim.pairs = "
+                         "'probe'; pairs = 'local' forms its pairs at every synchronisation")
     if o["name"] == "secant" and o["pairs"] == "local" and o["pairs_per_rank"] != 1:
         raise UsageError(f"optim.pairs_per_rank = {o['pairs_per_rank']} is invalid with "
                          "optim.pairs = 'local': each rank's drift gives one pair; use 1")

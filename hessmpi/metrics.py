@@ -17,7 +17,7 @@ COLUMNS: dict[str, str] = {
     "epoch": "f8",         # passes over each rank's training shard
     "wall_time": "f8",     # seconds since the start of training
     "train_loss": "f8",    # global minibatch objective F at the step's parameters
-    "grad_evals": "i8",    # cumulative gradient evaluations per rank
+    "grad_evals": "f8",    # cumulative gradient evaluations per rank (sub-batch probes: fraction)
     "grad_norm": "f8",     # ||g_bar|| of the step
     "step_norm": "f8",     # ||theta_new - theta_old|| of the step
     "fallback": "i1",      # 1 if the step fell back to SGD
@@ -28,6 +28,7 @@ COLUMNS: dict[str, str] = {
     "bytes_sent": "i8",    # payload bytes per step handed to collectives by rank 0
     "test_loss": "f8",     # mean test cross-entropy (NaN where not evaluated)
     "test_acc": "f8",      # test accuracy in [0, 1] (NaN where not evaluated)
+    "forward_evals": "i8",  # cumulative forward-only passes per rank (line-search trials)
 }
 
 

@@ -41,6 +41,12 @@ def _last_finite(a: np.ndarray) -> float:
     return float(finite[-1]) if finite.size else math.nan
 
 
+def _count(value) -> int | float:
+    """A cumulative count: an int, or a float where it has a fraction (sub-batch probes)."""
+    value = float(value)
+    return int(value) if value.is_integer() else round(value, 2)
+
+
 def method_label(ocfg: dict) -> str:
     """The optimizer and its key options, e.g. ``secant lr=0.05 mom=0.9 K=1 bfgs a=0.2``."""
     label = f"{ocfg['name']} lr={ocfg['lr']:g} mom={ocfg['momentum']:g}"
@@ -111,7 +117,7 @@ def _row(run: Path, attrs: dict, cfg: dict, cols: dict, *, target_loss: float | 
         "ranks": int(attrs.get("mpi_size", 0)), "batch": cfg["train"]["batch_size"],
         "backend": attrs.get("backend", "?"), "status": attrs.get("status", "?"),
         "steps": steps,
-        "grad_evals": int(cols["grad_evals"][-1]) if steps else 0,
+        "grad_evals": _count(cols["grad_evals"][-1]) if steps else 0,
         "final_loss": float(loss[-1]) if steps else math.nan,
         "best_loss": float(finite_loss.min()) if finite_loss.size else math.nan,
         "test_acc": _last_finite(cols["test_acc"]),

@@ -119,7 +119,8 @@ class Run:
         # One Allreduce per step carries the gradient (n), the loss and the stop-signal flag.
         self.buf = xp.zeros(n + 2, dtype=dtype)
         self.grad = self.buf[:n]
-        self.grad_evals = 0
+        self.grad_evals = 0.0   # gradient evaluations per rank, fractional for sub-batches
+        self.forward_evals = 0  # forward-only passes per rank (line search)
         self.start_step = 0
         self.wall_offset = 0.0
         self.stop_signal = 0      # set by SIGTERM/SIGUSR1 on this rank
@@ -165,6 +166,7 @@ class Run:
         arrays = {"params": host(self.theta), "sampler": np.array(samplers, dtype=np.int64)}
         arrays.update({f"optim/{k}": host(v) for k, v in self.optimizer.state().items()})
         attrs = {"step": step, "epoch": self.sampler.epochs_done, "grad_evals": self.grad_evals,
+                 "forward_evals": self.forward_evals,
                  "wall_time": wall, "config": config_mod.to_toml(self.cfg),
                  "mpi_size": self.comm.size, "hessmpi_version": __version__,
                  "signature": self.signature}
@@ -194,7 +196,8 @@ class Run:
                     f"(from epoch {epoch})")
         self.sampler.restore(int(epoch), int(position))
         self.start_step = int(attrs["step"])
-        self.grad_evals = int(attrs["grad_evals"])
+        self.grad_evals = float(attrs["grad_evals"])
+        self.forward_evals = int(attrs.get("forward_evals", 0))
         self.wall_offset = float(attrs["wall_time"])
 
     def save_checkpoint(self, step: int, wall: float) -> Path:
@@ -245,10 +248,11 @@ class Run:
         if not math.isfinite(loss):
             raise RunFailed(f"the training loss is {loss} at step {step + 1} "
                             "(the run diverged: lower optim.lr)")
-        info = self.optimizer.step(self.theta, self.grad, lr, xb, yb)
+        info = self.optimizer.step(self.theta, self.grad, lr, xb, yb, loss)
         self.backend.synchronize()
         t2 = time.perf_counter()
         self.grad_evals += self.optimizer.grad_evals_per_step
+        self.forward_evals += info.forward_evals
         comm_time = comm.seconds - comm_before
         interval.steps += 1
         interval.t_grad += (t1 - t0) + t_probe
@@ -332,7 +336,7 @@ class Run:
                 row = {
                     "step": done, "epoch": self.sampler.epochs_done,
                     "wall_time": time.perf_counter() - started, "train_loss": loss,
-                    "grad_evals": self.grad_evals,
+                    "grad_evals": self.grad_evals, "forward_evals": self.forward_evals,
                     "grad_norm": float(self.backend.xp.linalg.norm(self.grad)),
                     "step_norm": self.optimizer.last_step_norm, "fallback": info.fallback,
                     "rank_kept": info.rank_kept, "t_grad": interval.mean("t_grad"),

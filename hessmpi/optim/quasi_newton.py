@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 #: Why a step fell back to the SGD step u = eta * g.
-FALLBACK_REASONS = ("no_pairs", "no_curvature", "not_finite", "not_descent", "solve_failed")
+FALLBACK_REASONS = ("no_pairs", "no_curvature", "not_finite", "not_descent", "solve_failed",
+                    "line_search")
 
 
 @dataclass

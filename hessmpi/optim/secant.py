@@ -50,12 +50,20 @@ class Secant:
         self.counts = dict.fromkeys((*FALLBACK_REASONS, "clipped"), 0)
         block = max(1, GRAM_BLOCK_BYTES // (self.W.shape[0] * self.W.itemsize))
         self.gram_block = n if xp.__name__ != "numpy" else block
-        extra = self.k if opts["pairs"] == "probe" else opts["local_steps"] - 1
-        if opts["pairs"] == "probe" and opts["probe"] == "sgd" and self.k > 1:
-            extra += 1                 # the k sub-batch gradients cost one gradient in all
-        self.grad_evals_per_step = 1 + extra
-        self._noise = (np.empty(n) if opts["pairs"] == "probe" and opts["probe"] == "random"
+        probe, f = opts["pairs"] == "probe", opts["probe_batch"]
+        if probe:    # k probes on a fraction f of the batch, the base gradient there if f < 1
+            self._probe_cost = self.k * f + (f if f < 1 else 0.0)
+            if opts["probe"] == "sgd" and self.k > 1:
+                self._probe_cost += 1.0   # the k sub-batch directions cost one gradient in all
+        else:
+            self._probe_cost = opts["local_steps"] - 1.0
+        self.grad_evals_per_step = 1.0 + self._probe_cost   # of the last step, fractional
+        self.probing = True            # whether the current step forms new pairs
+        self._noise = (np.empty(n) if probe and opts["probe"] == "random"
                        else None)   # host buffer of the random probe directions
+        self._probe_base = theta * 0 if probe and f < 1 else None  # gradient on the sub-batch
+        self._trial = theta * 0 if opts["line_search"] == "armijo" else None
+        self._reduced = np.zeros(1)    # a trial's objective, summed over ranks
 
     # ----- state ------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -98,7 +106,12 @@ class Secant:
     def observe(self, theta, grad, lr: float, x, y) -> float:
         """Form this rank's k pairs from its local gradient ``grad`` (n,) on batch (x, y) at
         ``theta``; for ``pairs = "local"`` drift first, replacing ``grad`` by the gradient at
-        the drifted point. Returns the seconds spent in gradient evaluations."""
+        the drifted point. Only every ``probe_every``-th step forms pairs. Returns the
+        seconds spent in gradient evaluations."""
+        self.probing = self.o["pairs"] == "local" or self.steps % self.o["probe_every"] == 0
+        self.grad_evals_per_step = 1.0 + (self._probe_cost if self.probing else 0.0)
+        if not self.probing:
+            return 0.0
         s_rows, y_rows = self._my_rows(self.next_slot)
         if self.o["pairs"] == "local":
             return self._drift(theta, grad, lr, s_rows, y_rows)
@@ -125,6 +138,15 @@ class Secant:
                 rng.standard_normal(out=xi)
                 xi *= scale / np.linalg.norm(xi)
                 s_rows[j][...] = xp.asarray(xi)
+        base = grad
+        if self._probe_base is not None:   # probe on the first rows of the batch only
+            rows = max(1, int(np.ceil(self.o["probe_batch"] * len(y))))
+            x, y, base = x[:rows], y[:rows], self._probe_base
+            synchronize(xp)
+            t = time.perf_counter()
+            model.loss_grad(theta, x, y, base)
+            synchronize(xp)
+            seconds += time.perf_counter() - t
         for j in range(self.k):
             xp.add(theta, s_rows[j], out=self.work)
             synchronize(xp)
@@ -132,7 +154,7 @@ class Secant:
             model.loss_grad(self.work, x, y, y_rows[j])
             synchronize(xp)
             seconds += time.perf_counter() - t
-            y_rows[j] -= grad
+            y_rows[j] -= base
         return seconds
 
     def _drift(self, theta, grad, lr, s_rows, y_rows) -> float:
@@ -154,31 +176,17 @@ class Secant:
         return seconds
 
     # ----- after the Allreduce: exchange, Gram, step --------------------------------------
-    def step(self, theta, grad, lr: float, x=None, y=None) -> StepInfo:
-        """Exchange the pairs, update the Gram matrix, take the step (theta in place);
-        ``grad`` (n,) is the averaged gradient."""
+    def step(self, theta, grad, lr: float, x=None, y=None, loss: float | None = None
+             ) -> StepInfo:
+        """Exchange the pairs (on probing steps), update the Gram matrix, take the step
+        (theta in place). ``grad`` (n,): the averaged gradient; ``loss``: the global
+        minibatch objective at theta (the line search needs it); (x, y): this rank's batch."""
         xp, o, W = self.xp, self.o, self.W
-        slot_index = self.next_slot
-        s_rows, y_rows = self._my_rows(slot_index)
-        if o["pairs"] == "local":
-            # theta_avg = mean of the drifted points; pairs relative to the averages.
-            xp.copyto(self.work, s_rows[0])
-            self.comm.allreduce_sum_(self.work)
-            self.work /= self.comm.size
-            s_rows[0] -= self.work
-            y_rows[0] -= grad
-            theta[...] = self.work
-        if o["damping"]:
-            for j in range(self.k):
-                xp.multiply(s_rows[j], o["damping"], out=self.work)
-                y_rows[j] += self.work
-        slot = self._slot(slot_index)
-        self.comm.allgather_(slot)
-        W[0] = grad
-        self.next_slot = (slot_index + 1) % self.slots
-        self.filled = min(self.filled + 1, self.slots)
-        self._update_gram(slot_index)
-
+        if self.probing:
+            self._exchange(theta, grad)
+        else:
+            W[0] = grad
+            self._update_gram(None)
         active = 1 + self.filled * self.slot_rows
         # rows of each slot: per rank, k s-rows then k y-rows
         rows = np.arange(1, active).reshape(self.filled, self.comm.size, 2, self.k)
@@ -189,8 +197,9 @@ class Secant:
         d = direction(gram, s_idx, y_idx, 0, eta=lr, curvature=o["curvature"],
                       curvature_tol=o["curvature_tol"], h0=o["h0"], lsq_mu=o["lsq_mu"],
                       max_step_ratio=o["max_step_ratio"], xp=np)
+        reason, forward_evals = d.reason, 0
         u = self.work
-        if d.reason is None:
+        if reason is None:
             coef = np.zeros(active)
             coef[0] = d.coef_g
             coef[s_idx] = d.coef_s
@@ -206,23 +215,76 @@ class Secant:
                 u *= limit / u_norm
                 clipped = True
             self.counts["clipped"] += clipped
-        else:
+            if o["line_search"] == "armijo":
+                accepted, forward_evals = self._armijo(theta, grad, u, loss, x, y)
+                if not accepted:
+                    reason = "line_search"
+        if reason is not None:
             xp.multiply(grad, lr, out=u)
-            self.counts[d.reason] += 1
+            self.counts[reason] += 1
         v = self.velocity
         v *= o["momentum"]
         v += u
         theta -= v
         self.steps += 1
-        return StepInfo(fallback=int(d.reason is not None), reason=d.reason, rank_kept=d.kept)
+        return StepInfo(fallback=int(reason is not None), reason=reason, rank_kept=d.kept,
+                        forward_evals=forward_evals)
 
-    def _update_gram(self, slot_index: int) -> None:
+    def _exchange(self, theta, grad) -> None:
+        """Finish this rank's pairs, Allgather them into the next ring slot, update the Gram
+        rows of that slot and of g. ``pairs = "local"``: theta becomes the ranks' average."""
+        xp, o, W = self.xp, self.o, self.W
+        slot_index = self.next_slot
+        s_rows, y_rows = self._my_rows(slot_index)
+        if o["pairs"] == "local":
+            # theta_avg = mean of the drifted points; pairs relative to the averages.
+            xp.copyto(self.work, s_rows[0])
+            self.comm.allreduce_sum_(self.work)
+            self.work /= self.comm.size
+            s_rows[0] -= self.work
+            y_rows[0] -= grad
+            theta[...] = self.work
+        if o["damping"]:
+            for j in range(self.k):
+                xp.multiply(s_rows[j], o["damping"], out=self.work)
+                y_rows[j] += self.work
+        self.comm.allgather_(self._slot(slot_index))
+        W[0] = grad
+        self.next_slot = (slot_index + 1) % self.slots
+        self.filled = min(self.filled + 1, self.slots)
+        self._update_gram(slot_index)
+
+    def _armijo(self, theta, grad, u, loss: float, x, y) -> tuple[bool, int]:
+        """Backtracking on the global minibatch objective (ALGORITHM.md s.8): shrink the
+        step u (n,) in place, halving, until F(theta - (momentum*v + u)) <= F(theta) -
+        c1 * g^T u; each trial is one forward pass per rank and one Allreduce of a scalar,
+        so every rank takes the same decision (a NaN on any rank rejects the trial
+        everywhere). Returns (accepted, forward passes)."""
+        xp, o = self.xp, self.o
+        slope = float(grad @ u)
+        trial = self._trial
+        for attempt in range(1, o["ls_max_trials"] + 1):
+            xp.multiply(self.velocity, o["momentum"], out=trial)
+            trial += u
+            xp.subtract(theta, trial, out=trial)
+            self._reduced[0] = float(self.model.loss(trial, x, y))
+            self.comm.allreduce_sum_(self._reduced)
+            if self._reduced[0] / self.comm.size <= loss - o["ls_c1"] * slope:
+                return True, attempt
+            u *= 0.5
+            slope *= 0.5
+        return False, o["ls_max_trials"]
+
+    def _update_gram(self, slot_index: int | None) -> None:
         """Recompute the Gram rows and columns of the g row and of ring slot ``slot_index``
-        against every active row: one blocked pass over W (rows read from cache)."""
+        (if any) against every active row: one blocked pass over W (rows read from cache)."""
         xp, W = self.xp, self.W
         active = 1 + self.filled * self.slot_rows
-        start = 1 + slot_index * self.slot_rows
-        new = xp.asarray(np.concatenate([[0], np.arange(start, start + self.slot_rows)]))
+        new = [0]
+        if slot_index is not None:
+            start = 1 + slot_index * self.slot_rows
+            new += list(range(start, start + self.slot_rows))
+        new = xp.asarray(np.array(new))
         out = xp.zeros((len(new), active), dtype=W.dtype)
         n, b = W.shape[1], self.gram_block
         for c in range(0, n, b):
@@ -234,8 +296,9 @@ class Secant:
 
 def secant_options(optim_cfg: dict) -> dict[str, Any]:
     """The keys of ``[optim]`` the secant optimizer reads."""
-    keys = ("pairs", "probe", "probe_lr", "probe_sigma", "local_steps", "pairs_per_rank",
-            "memory", "damping", "curvature", "curvature_tol", "lsq_mu", "h0", "newton_lr",
-            "momentum", "max_step_ratio")
+    keys = ("pairs", "probe", "probe_lr", "probe_sigma", "probe_every", "probe_batch",
+            "local_steps", "pairs_per_rank", "memory", "damping", "curvature", "curvature_tol",
+            "lsq_mu", "h0", "newton_lr", "momentum", "max_step_ratio", "line_search", "ls_c1",
+            "ls_max_trials")
     return {k: optim_cfg[k] for k in keys}
 

@@ -33,9 +33,9 @@ class SGD:
         """Nothing to do before the Allreduce; no gradient evaluations (0 seconds)."""
         return 0.0
 
-    def step(self, theta, grad, lr: float, x=None, y=None) -> StepInfo:
+    def step(self, theta, grad, lr: float, x=None, y=None, loss=None) -> StepInfo:
         """One step in place; ``grad`` (n,) is the averaged gradient and is not modified;
-        the batch (x, y) is not needed."""
+        the batch (x, y) and the loss are not needed."""
         g = grad + self.weight_decay * theta if self.weight_decay else grad
         v = self.velocity
         v *= self.momentum

@@ -8,15 +8,17 @@ import pytest
 
 from hessmpi.metrics import COLUMNS, MetricsFile, read_metrics
 
-# The /metrics columns named in CONTRACT.md, in its order.
+# The /metrics columns named in CONTRACT.md, in its order, then hessmpi's additions.
 CONTRACT_COLUMNS = ["step", "epoch", "wall_time", "train_loss", "grad_evals", "grad_norm",
                     "step_norm", "fallback", "rank_kept", "t_grad", "t_comm", "t_solve",
                     "bytes_sent", "test_loss", "test_acc"]
-INTEGER_COLUMNS = {"step", "grad_evals", "fallback", "rank_kept", "bytes_sent"}
+ADDED_COLUMNS = ["forward_evals"]
+# grad_evals counts a probe on a fraction of the batch as that fraction: a float.
+INTEGER_COLUMNS = {"step", "fallback", "rank_kept", "bytes_sent", "forward_evals"}
 
 
 def test_columns_are_the_documented_ones():
-    assert list(COLUMNS) == CONTRACT_COLUMNS
+    assert list(COLUMNS) == CONTRACT_COLUMNS + ADDED_COLUMNS
     for name, dtype in COLUMNS.items():
         kind = np.dtype(dtype).kind
         assert kind == ("i" if name in INTEGER_COLUMNS else "f"), name
