@@ -52,8 +52,10 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "path": Option("data/digits.h5", "str", "HDF5 dataset file (groups train and test)"),
     },
     "optim": {
-        "name": Option("sgd", "str", "optimizer: data-parallel SGD, or SGD accelerated by the "
-                       "workers' secant pairs (ALGORITHM.md)", choices=("sgd", "secant")),
+        "name": Option("sgd", "str", "optimizer: data-parallel SGD, SGD accelerated by the "
+                       "workers' secant pairs, or the deflated variant that tracks the top "
+                       "Hessian eigenspace (ALGORITHM.md s.1-2, 7)",
+                       choices=("sgd", "secant", "deflated")),
         "lr": Option(0.1, "float", "SGD learning rate eta", low=0.0, low_open=True),
         "momentum": Option(0.9, "float", "momentum (for secant: beta of the momentum on d)",
                            low=0.0, high=0.999999),
@@ -266,6 +268,12 @@ def check_resume_overrides(overrides: list[str]) -> None:
 def _check_combinations(cfg: dict) -> None:
     """Rules that involve several keys."""
     o = cfg["optim"]
+    if o["name"] == "deflated":
+        for key, allowed in (("memory", 1), ("pairs", "probe"), ("probe_batch", 1.0),
+                             ("line_search", "none")):
+            if o[key] != allowed:
+                raise UsageError(f"optim.{key} = {o[key]!r} is invalid with optim.name = "
+                                 f"'deflated', which tracks one basis: use {allowed!r}")
     if (o["name"] == "secant" and o["pairs"] == "probe" and o["probe"] == "sgd"
             and o["pairs_per_rank"] > cfg["train"]["batch_size"]):
         raise UsageError(f"optim.pairs_per_rank = {o['pairs_per_rank']} is invalid with "

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from hessmpi.optim.deflated import Deflated
 from hessmpi.optim.info import StepInfo
 from hessmpi.optim.secant import Secant, secant_options
 from hessmpi.optim.sgd import SGD
 
-__all__ = ["SGD", "Secant", "StepInfo", "build_optimizer"]
+__all__ = ["SGD", "Deflated", "Secant", "StepInfo", "build_optimizer"]
 
 
 def build_optimizer(optim_cfg: dict, theta, *, model, comm, draw_batch, seed: int):
@@ -15,7 +16,8 @@ def build_optimizer(optim_cfg: dict, theta, *, model, comm, draw_batch, seed: in
     if optim_cfg["name"] == "sgd":
         return SGD(theta, momentum=optim_cfg["momentum"], weight_decay=optim_cfg["weight_decay"],
                    nesterov=optim_cfg["nesterov"])
-    if optim_cfg["name"] == "secant":
-        return Secant(theta, model=model, comm=comm, draw_batch=draw_batch, seed=seed,
-                      opts=secant_options(optim_cfg))
+    if optim_cfg["name"] in ("secant", "deflated"):
+        cls = Secant if optim_cfg["name"] == "secant" else Deflated
+        return cls(theta, model=model, comm=comm, draw_batch=draw_batch, seed=seed,
+                   opts=secant_options(optim_cfg))
     raise ValueError(f"unknown optimizer {optim_cfg['name']!r}")

@@ -123,3 +123,51 @@ def direction(gram, s_idx, y_idx, g_idx: int, *, eta: float, curvature: str,
         coef_g, coef_s, coef_y = coef_g * scale, coef_s * scale, coef_y * scale
         g_dot_d, d_norm = g_dot_d * scale, limit
     return Direction(coef_g, coef_s, coef_y, kept, None, clipped, g_dot_d, d_norm)
+
+
+@dataclass
+class Deflation:
+    """The deflated step (ALGORITHM.md s.7) as coefficients over the rows of W = [g, V, Y]:
+    u_newton = V coef_newton is the Newton-like part in the tracked eigenspace (no momentum),
+    u_comp = coef_g g + V coef_comp the complement part (momentum applies), with
+    coef_comp = -eta_c V^T g so that u_comp = eta_c (I - V V^T) g for orthonormal V.
+    ritz: the Ritz values; kept: how many exceed the safeguard floor alpha / eta_c;
+    next_basis: (m, m) C with orth(Y Q) = Y C, the basis of the next refresh; reason: None,
+    or why the SGD step must be taken instead."""
+
+    coef_g: float
+    coef_comp: Any
+    coef_newton: Any
+    ritz: Any
+    kept: int
+    next_basis: Any
+    reason: str | None = None
+
+
+def deflation(gram, v_idx, y_idx, g_idx: int, *, eta_c: float, alpha: float) -> Deflation:
+    """Rayleigh-Ritz on the tracked basis and the safeguarded deflated step, from the Gram
+    matrix (host, float64) of W's rows: V rows ``v_idx`` (orthonormal basis, m), Y rows
+    ``y_idx`` (Y ~ H V), g row ``g_idx``. Ritz values below alpha / eta_c (negative, tiny,
+    NaN) are raised to it, so no direction moves more than the complement's SGD step."""
+    G = np.asarray(gram, dtype=np.float64)
+    m = len(v_idx)
+    zeros = np.zeros(m)
+    if not np.isfinite(G).all():
+        return Deflation(0.0, zeros, zeros, zeros, 0, np.eye(m), "not_finite")
+    vy = G[np.ix_(v_idx, y_idx)]
+    lam, Q = np.linalg.eigh(0.5 * (vy + vy.T))
+    floor = alpha / eta_c
+    safe = np.isfinite(lam) & (lam > floor)
+    lam_c = np.where(safe, lam, floor)
+    vg = G[v_idx, g_idx]
+    coef_newton = Q @ (alpha / lam_c * (Q.T @ vg))
+    # next basis: orth(Y Q) by Cholesky-QR of its Gram Q^T (Y^T Y) Q
+    zz = Q.T @ G[np.ix_(y_idx, y_idx)] @ Q
+    try:
+        R = np.linalg.cholesky(zz + 1e-12 * np.trace(zz) * np.eye(m)).T
+        next_basis = Q @ np.linalg.inv(R)
+    except np.linalg.LinAlgError:
+        next_basis = None
+    if next_basis is None or not np.isfinite(next_basis).all():
+        return Deflation(0.0, zeros, zeros, lam, int(safe.sum()), np.eye(m), "solve_failed")
+    return Deflation(eta_c, -eta_c * vg, coef_newton, lam, int(safe.sum()), next_basis)
