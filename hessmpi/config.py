@@ -268,6 +268,13 @@ def check_resume_overrides(overrides: list[str]) -> None:
 def _check_combinations(cfg: dict) -> None:
     """Rules that involve several keys."""
     o = cfg["optim"]
+    if cfg["model"]["name"] == "autoencoder" and not cfg["model"]["encoder"]:
+        raise UsageError("model.encoder = [] is invalid with model.name = 'autoencoder': give "
+                         "the encoder widths, the last the code, e.g. [1000, 500, 250, 30]")
+    if o["name"] == "secant" and o["pairs"] == "local" and o["line_search"] != "none":
+        raise UsageError("optim.line_search = 'armijo' is invalid with optim.pairs = 'local': "
+                         "the step starts from the ranks' averaged point, whose objective is "
+                         "not known")
     if o["name"] == "deflated":
         for key, allowed in (("memory", 1), ("pairs", "probe"), ("probe_batch", 1.0),
                              ("line_search", "none")):

@@ -48,7 +48,9 @@ def _count(value) -> int | float:
 
 
 def method_label(ocfg: dict) -> str:
-    """The optimizer and its key options, e.g. ``secant lr=0.05 mom=0.9 K=1 bfgs a=0.2``."""
+    """The optimizer and its key options, e.g. ``secant lr=0.05 mom=0.9 K=1 bfgs probe-sgd
+    a=0.2`` (K memory, curvature rule, pair source; k pairs per rank, T probe interval, pb
+    probe batch fraction, ls line search where not the default; a the secant step length)."""
     label = f"{ocfg['name']} lr={ocfg['lr']:g} mom={ocfg['momentum']:g}"
     if ocfg.get("nesterov"):
         label += " nesterov"
@@ -56,11 +58,22 @@ def method_label(ocfg: dict) -> str:
         label += f" wd={ocfg['weight_decay']:g}"
     if ocfg.get("schedule", "constant") != "constant":
         label += f" {ocfg['schedule']}"
-    if ocfg["name"] == "secant":
+    if ocfg["name"] in ("secant", "deflated"):
         pairs = ocfg.get("pairs", "probe")
-        source = f"probe-{ocfg.get('probe', 'sgd')}" if pairs == "probe" else pairs
-        label += (f" K={ocfg.get('memory', 1)} {ocfg.get('curvature', 'bfgs')} {source}"
-                  f" a={ocfg.get('newton_lr', 0):g}")
+        parts = []
+        if ocfg["name"] == "secant":
+            parts += [f"K={ocfg.get('memory', 1)}", ocfg.get("curvature", "bfgs")]
+        parts.append(f"probe-{ocfg.get('probe', 'sgd')}" if pairs == "probe" else pairs)
+        if ocfg.get("pairs_per_rank", 1) != 1:
+            parts.append(f"k={ocfg['pairs_per_rank']}")
+        if ocfg.get("probe_every", 1) != 1:
+            parts.append(f"T={ocfg['probe_every']}")
+        if ocfg.get("probe_batch", 1.0) != 1.0:
+            parts.append(f"pb={ocfg['probe_batch']:g}")
+        if ocfg.get("line_search", "none") != "none":
+            parts.append(f"ls={ocfg['line_search']}")
+        parts.append(f"a={ocfg.get('newton_lr', 0):g}")
+        label += " " + " ".join(parts)
     return label
 
 
@@ -202,8 +215,9 @@ def plot(runs: list, path: Path, *, target_loss: float | None = None,
     loaded = [r if isinstance(r, tuple) else (Path(r), *load_run(Path(r))) for r in runs]
     for i, (run, attrs, cfg, cols) in enumerate(loaded):
         status = attrs.get("status", "?")
-        label = (f"{run.name or run}: {method_label(cfg['optim'])}, "
-                 f"{attrs.get('mpi_size', '?')} ranks")
+        ranks = attrs.get("mpi_size", "?")
+        label = (f"{run.name or run}: {method_label(cfg['optim'])}, {ranks} "
+                 f"rank{'' if ranks == 1 else 's'}")
         if status != "finished":
             label += f" ({status})"
         color = f"C{i % 10}"

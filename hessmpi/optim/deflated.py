@@ -113,8 +113,8 @@ class Deflated(Secant):
         active = 1 + self.slot_rows
         d = deflation(to_host(xp, self.gram[:active, :active]), self._v_idx, self._y_idx, 0,
                       eta_c=lr, alpha=o["newton_lr"])
-        if self.probing:
-            self._next_basis = d.next_basis
+        if self.probing:   # a failed refresh keeps the basis it probed (still in _next_v)
+            self._next_basis = d.next_basis if d.reason is None else None
         v, u = self.velocity, self.work
         v *= o["momentum"]
         if d.reason is None:

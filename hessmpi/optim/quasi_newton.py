@@ -166,6 +166,9 @@ def deflation(gram, v_idx, y_idx, g_idx: int, *, eta_c: float, alpha: float) -> 
     try:
         R = np.linalg.cholesky(zz + 1e-12 * np.trace(zz) * np.eye(m)).T
         next_basis = Q @ np.linalg.inv(R)
+        # a second pass (CholeskyQR2) restores the orthonormality the shift costs
+        zz = next_basis.T @ G[np.ix_(y_idx, y_idx)] @ next_basis
+        next_basis = next_basis @ np.linalg.inv(np.linalg.cholesky(zz).T)
     except np.linalg.LinAlgError:
         next_basis = None
     if next_basis is None or not np.isfinite(next_basis).all():

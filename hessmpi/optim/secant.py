@@ -13,6 +13,7 @@ W once, and d = c @ W is one matrix-vector product. Nothing of size n is allocat
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -141,7 +142,7 @@ class Secant:
                 s_rows[j][...] = xp.asarray(xi)
         base = grad
         if self._probe_base is not None:   # probe on the first rows of the batch only
-            rows = max(1, int(np.ceil(self.o["probe_batch"] * len(y))))
+            rows = max(1, math.ceil(round(self.o["probe_batch"] * len(y), 9)))
             x, y, base = x[:rows], y[:rows], self._probe_base
             synchronize(xp)
             t = time.perf_counter()
