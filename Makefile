@@ -5,7 +5,7 @@
 PYTHON  ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-MPIEXEC ?= $(BIN)/mpiexec
+MPIEXEC ?= $(abspath $(BIN))/mpiexec
 NP_FLAG ?= -n
 NP      ?= 2
 # MPICH's hydra kills a job that runs longer than this many seconds (a hung test fails fast).

@@ -39,10 +39,9 @@ def worker(device: str, size: str, steps: int, reps: int) -> dict:
     from hessmpi.optim.sgd import SGD
 
     comm = Communicator(MPI.COMM_WORLD)
-    local_rank, local_size, aff = node_layout(comm.comm)
+    local_rank, _, aff = node_layout(comm.comm)
     threads = 1 if device == "cpu" else blas_threads(local_rank, aff)
-    backend = make_backend(device, "float32", threads, local_rank=local_rank,
-                           local_size=local_size, share_gpus=True)
+    backend = make_backend(device, "float32", threads, local_rank=local_rank)
     xp, sync = backend.xp, backend.synchronize
     sizes = SIZES[size]
     model = DenseNet(sizes, "relu", 1e-4, xp=xp, dtype=np.float32)

@@ -18,13 +18,15 @@ from hessmpi.errors import UsageError
 @dataclass
 class Backend:
     """xp: the array module; dtype: the floating type of parameters and data;
-    name: "numpy" or "cupy"; device: "cpu" or "gpu:N (model)"; threads: BLAS threads."""
+    name: "numpy" or "cupy"; device: "cpu" or "gpu:N (model)"; threads: BLAS threads;
+    gpu_bus_id: the PCI bus id of this rank's GPU ("" on CPU)."""
 
     xp: Any
     dtype: Any
     name: str
     device: str
     threads: int
+    gpu_bus_id: str = ""
 
     def synchronize(self) -> None:
         """Wait until the device has finished queued work (so timings are true); no-op on CPU."""
@@ -83,13 +85,13 @@ def _cupy_or_reason() -> tuple[Any, str | None]:
     return cupy, None
 
 
-def make_backend(device: str, dtype: str, threads: int, *, local_rank: int = 0,
-                 local_size: int = 1, share_gpus: bool = False) -> Backend:
+def make_backend(device: str, dtype: str, threads: int, *, local_rank: int = 0) -> Backend:
     """The backend for ``backend.device`` ("auto" | "cpu" | "gpu") and ``backend.dtype``.
 
-    On GPU, local rank r of the node's ``local_size`` ranks takes GPU r % (GPUs on the node);
-    more ranks than GPUs is an error unless ``share_gpus``. ``threads``: BLAS threads (>= 1).
-    """
+    On GPU, local rank r takes GPU r % (GPUs this process sees): with every GPU of the node
+    visible, one each; bound by the launcher (CUDA_VISIBLE_DEVICES per task), its own.
+    Whether two ranks share a GPU is judged by the caller from ``gpu_bus_id``.
+    ``threads``: BLAS threads (>= 1)."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=threads, user_api="blas")
@@ -98,13 +100,11 @@ def make_backend(device: str, dtype: str, threads: int, *, local_rank: int = 0,
         if cupy is None and device == "gpu":
             raise UsageError(f"backend.device = 'gpu' but {why}")
         if cupy is not None:
-            count = cupy.cuda.runtime.getDeviceCount()
-            if local_size > count and not share_gpus:
-                raise UsageError(f"{local_size} ranks on one node share {count} GPU(s): start "
-                                 "one rank per GPU, or set backend.share_gpus = true")
-            index = local_rank % count
-            cupy.cuda.Device(index).use()
+            index = local_rank % cupy.cuda.runtime.getDeviceCount()
+            gpu = cupy.cuda.Device(index)
+            gpu.use()
             name = cupy.cuda.runtime.getDeviceProperties(index)["name"].decode()
             return Backend(xp=cupy, dtype=np.dtype(dtype), name="cupy",
-                           device=f"gpu:{index} ({name})", threads=threads)
+                           device=f"gpu:{index} ({name})", threads=threads,
+                           gpu_bus_id=gpu.pci_bus_id)
     return Backend(xp=np, dtype=np.dtype(dtype), name="numpy", device="cpu", threads=threads)

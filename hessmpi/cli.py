@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import socket
 import sys
 import traceback
 from datetime import datetime
@@ -115,6 +117,11 @@ def _default_out(cfg: dict) -> Path:
 
 
 def _train(args) -> int:
+    # SLURM may signal a job while it starts: remember the signal until the trainer's own
+    # handlers take over (it then checkpoints after its first step and exits 75).
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: early.append(signum))
     from mpi4py import MPI
 
     from hessmpi import config
@@ -135,11 +142,14 @@ def _train(args) -> int:
             cfg = comm.collectively(config.load, args.config, args.set)
             out = comm.bcast(args.out or _default_out(cfg))
         bcfg = cfg["backend"]
-        local_rank, local_size, affinities = node_layout(comm.comm)
+        local_rank, _, affinities = node_layout(comm.comm)
         threads = bcfg["threads"] or blas_threads(local_rank, affinities)
         backend = comm.collectively(make_backend, bcfg["device"], bcfg["dtype"], threads,
-                                    local_rank=local_rank, local_size=local_size,
-                                    share_gpus=bcfg["share_gpus"])
+                                    local_rank=local_rank)
+        gpus = comm.allgather((socket.gethostname(), backend.gpu_bus_id))
+        if backend.name == "cupy" and len(set(gpus)) < len(gpus) and not bcfg["share_gpus"]:
+            raise UsageError(f"{len(gpus)} ranks share {len(set(gpus))} GPU(s): start one "
+                             "rank per GPU, or set backend.share_gpus = true")
         if backend.name == "cupy":
             path = bcfg["mpi_device_path"]
             comm.device_path = (("direct" if cuda_aware_mpi() else "staged") if path == "auto"
@@ -147,9 +157,11 @@ def _train(args) -> int:
 
         from hessmpi.trainer import Run
 
-        summary = Run(cfg, comm, backend, out, resume=resume).run()
+        run = Run(cfg, comm, backend, out, resume=resume)
+        run.stop_signal = early[0] if early else 0
+        summary = run.run()
     except UsageError as e:
-        if comm.rank == 0:
+        if comm.rank == 0 and _launcher_rank() == 0:   # singletons are all rank 0
             _error(str(e))
         return 2
     except RunFailed as e:
@@ -208,7 +220,6 @@ def _resumable(comm, out: Path, overrides: list[str]):
     def pick() -> Path | None:
         if comm.rank != 0:
             return None
-        config.check_resume_overrides(overrides)
         try:
             own = config.from_toml(read_metrics(out / "metrics.h5")[0]["config"])
         except (OSError, KeyError, ValueError) as e:
@@ -235,8 +246,13 @@ def _resumable(comm, out: Path, overrides: list[str]):
 
     path = comm.bcast(comm.collectively(pick))
     arrays, attrs = comm.collectively(read_checkpoint, path)
-    cfg = comm.collectively(config.load, None, overrides,
-                            base=config.from_toml(attrs["config"]))
+    saved = config.from_toml(attrs["config"])
+    cfg = comm.collectively(config.load, None, overrides, base=saved)
+    changed = config.fixed_keys_differ(cfg, saved)
+    if changed:
+        raise UsageError(f"--set {', '.join(changed)}: cannot change when a run is resumed "
+                         "(fixes the model, the data or the optimizer state); start a new run "
+                         "instead")
     if comm.rank == 0:
         print(f"hessmpi: resuming {out} from {path.name} (step {attrs['step']})", flush=True)
     return cfg, (arrays, attrs)

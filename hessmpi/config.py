@@ -255,16 +255,6 @@ def fixed_keys_differ(a: dict, b: dict) -> list[str]:
             if a[k.split(".")[0]][k.split(".")[1]] != b[k.split(".")[0]][k.split(".")[1]]]
 
 
-def check_resume_overrides(overrides: list[str]) -> None:
-    """Refuse ``--set`` overrides of a resumed run that would change its model or data."""
-    for item in overrides:
-        name = item.partition("=")[0].strip()
-        if name in FIXED_ON_RESUME:
-            raise UsageError(f"--set {item}: {name} cannot change when a run is resumed "
-                             "(it fixes the model, the data or the optimizer state); start a "
-                             "new run instead")
-
-
 def _check_combinations(cfg: dict) -> None:
     """Rules that involve several keys."""
     o = cfg["optim"]

@@ -5,7 +5,7 @@ Columns: ``run``; ``method`` (optimizer and its key options); ``ranks``; ``batch
 ``backend``; ``status`` (running, stopped, finished, failed); ``steps`` (the last logged
 step); ``grad_evals`` (per rank); ``final_loss`` and ``best_loss`` (the minibatch training
 objective of the logged rows); ``test_acc`` (the last evaluation); ``wall_s`` (training wall
-time); ``fallback_rate`` (share of the logged steps that fell back to SGD); ``t_grad_ms``,
+time); ``fallback_rate`` (share of all steps that fell back to SGD); ``t_grad_ms``,
 ``t_comm_ms``, ``t_solve_ms`` (medians over the logged rows of the per-step seconds in
 gradient evaluation, MPI collectives and the optimizer update). With a target,
 ``to_loss_steps``/``to_loss_s`` (the first logged step, and its wall time, whose training
@@ -16,6 +16,7 @@ evaluation at or above ``--target-acc``); ``-`` where not reached.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from pathlib import Path
@@ -109,6 +110,18 @@ def _first_reached(cols: dict, column: str, reached) -> tuple[float, float]:
     return int(cols["step"][i]), float(cols["wall_time"][i])
 
 
+def _fallback_rate(attrs: dict, steps: int, cols: dict) -> float:
+    """Share of all steps that fell back to SGD, from the optimizer's counts of every step
+    (``fallback_reasons``); for a run without them, the share of the logged steps."""
+    if not steps:
+        return math.nan
+    reasons = attrs.get("fallback_reasons")
+    if reasons:
+        counts = json.loads(reasons)
+        return sum(v for k, v in counts.items() if k != "clipped") / steps
+    return float(np.mean(cols["fallback"]))
+
+
 def summarize(run: Path, *, target_loss: float | None = None,
               target_acc: float | None = None) -> dict:
     """The table row of one run directory; UsageError naming it if it is missing or damaged.
@@ -135,7 +148,7 @@ def _row(run: Path, attrs: dict, cfg: dict, cols: dict, *, target_loss: float | 
         "best_loss": float(finite_loss.min()) if finite_loss.size else math.nan,
         "test_acc": _last_finite(cols["test_acc"]),
         "wall_s": float(cols["wall_time"][-1]) if steps else math.nan,
-        "fallback_rate": float(np.mean(cols["fallback"])) if steps else math.nan,
+        "fallback_rate": _fallback_rate(attrs, steps, cols),
         "t_grad_ms": median_ms("t_grad"), "t_comm_ms": median_ms("t_comm"),
         "t_solve_ms": median_ms("t_solve"),
     }

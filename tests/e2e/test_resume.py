@@ -365,6 +365,16 @@ def test_resume_refuses_overrides_that_change_model_or_data(override, sgd_runs, 
     assert snapshot(out) == before
 
 
+def test_resume_accepts_fixed_keys_given_unchanged(sgd_runs, tmp_path):
+    """Re-running the first command with --resume: fixed keys at their saved values are no
+    change, and the run continues to the same end as the straight run."""
+    out = copy_run(sgd_runs["half"], tmp_path / "run")
+    ok(resume(out, f"train.steps={N}", "model.hidden=[16]", "model.name=mlp"))
+    resumed, _ = read_checkpoint(checkpoint_path(out, N))
+    straight, _ = read_checkpoint(checkpoint_path(sgd_runs["straight"], N))
+    assert resumed["params"].tobytes() == straight["params"].tobytes()
+
+
 def test_refused_resume_of_a_finished_run_leaves_it_untouched(sgd_runs, tmp_path):
     """Resuming a finished run without extending it is refused before anything is written
     (it once reopened metrics.h5 first and left a finished run marked 'running')."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import struct
 
 import h5py
 import numpy as np
@@ -12,7 +13,14 @@ import pytest
 from hessmpi import config
 from hessmpi.errors import UsageError
 from hessmpi.metrics import COLUMNS
-from hessmpi.report import HEADER, report, summarize
+from hessmpi.report import (
+    ACC_TARGET_COLUMNS,
+    HEADER,
+    LOSS_TARGET_COLUMNS,
+    header,
+    report,
+    summarize,
+)
 
 NAN = math.nan
 
@@ -159,3 +167,114 @@ def test_metrics_with_missing_column(tmp_path):
     with h5py.File(run / "metrics.h5", "a") as f:
         del f["metrics/t_solve"]
     expect_usage_error(run)
+
+
+# ----- key options, targets, runs being written, the plot ----------------------------------
+
+@pytest.mark.parametrize("overrides, label", [
+    (("optim.lr=0.05", "optim.momentum=0.5"), "sgd lr=0.05 mom=0.5"),
+    (("optim.nesterov=true", "optim.weight_decay=0.001", "optim.schedule=cosine"),
+     "sgd lr=0.1 mom=0.9 nesterov wd=0.001 cosine"),
+    (("optim.name=secant", "optim.lr=0.05", "optim.memory=4", "optim.curvature=lsq",
+      "optim.newton_lr=0.5"), "secant lr=0.05 mom=0.9 K=4 lsq probe-sgd a=0.5"),
+    (("optim.name=secant", "optim.pairs=local"), "secant lr=0.1 mom=0.9 K=1 bfgs local a=0.2"),
+    (("optim.name=secant", "optim.probe_every=4", "optim.pairs_per_rank=2",
+      "optim.line_search=armijo"),
+     "secant lr=0.1 mom=0.9 K=1 bfgs probe-sgd k=2 T=4 ls=armijo a=0.2"),
+    (("optim.name=deflated", "optim.pairs_per_rank=3"),
+     "deflated lr=0.1 mom=0.9 probe-sgd k=3 a=0.2"),
+])
+def test_method_names_the_key_options(tmp_path, overrides, label):
+    assert summarize(make_run(tmp_path, "m", COLS, overrides=overrides))["method"] == label
+
+
+def test_time_to_target(tmp_path):
+    run = make_run(tmp_path, "a", COLS)
+    s = summarize(run, target_loss=1.0, target_acc=0.82)
+    assert set(s) == set(HEADER + LOSS_TARGET_COLUMNS + ACC_TARGET_COLUMNS)
+    assert (s["to_loss_steps"], s["to_loss_s"]) == (20, 2.0)   # first row with loss <= 1.0
+    assert (s["to_acc_steps"], s["to_acc_s"]) == (30, 3.0)     # first evaluation >= 0.82
+    assert summarize(run, target_loss=0.75)["to_loss_steps"] == 20   # reached exactly
+    never = summarize(run, target_loss=0.1, target_acc=0.99)
+    for key in LOSS_TARGET_COLUMNS + ACC_TARGET_COLUMNS:
+        assert math.isnan(never[key]), key
+    assert set(summarize(run, target_acc=0.5)) == set(HEADER + ACC_TARGET_COLUMNS)
+
+
+def test_report_with_targets_adds_columns_to_table_and_csv(tmp_path):
+    a = make_run(tmp_path, "a", COLS)
+    out = tmp_path / "t.csv"
+    text = report([a], csv_path=out, target_loss=1.0, target_acc=0.99)
+    head, row = text.splitlines()
+    assert head.split() == list(header(1.0, 0.99))
+    assert head.split()[-4:] == ["to_loss_steps", "to_loss_s", "to_acc_steps", "to_acc_s"]
+    assert row.split()[-4:] == ["20", "2", "-", "-"]
+    with open(out, newline="") as f:
+        (record,) = list(csv.DictReader(f))
+    assert record["to_loss_steps"] == "20" and record["to_acc_steps"] == "nan"
+
+
+@pytest.mark.parametrize("loss, acc", [(-0.5, None), (math.inf, None), (None, 0.0),
+                                       (None, 1.5), (None, 95.0)])
+def test_targets_out_of_range_are_usage_errors(tmp_path, loss, acc):
+    with pytest.raises(UsageError, match="--target"):
+        report([make_run(tmp_path, "a", COLS)], target_loss=loss, target_acc=acc)
+
+
+def test_run_caught_between_two_column_writes(tmp_path):
+    # a reader may see a row in some columns and not yet in others: rows all columns have
+    cols = {**COLS, "step": [10, 20, 30, 40, 50], "train_loss": [2.0, 0.75, NAN, 1.25, 0.1]}
+    s = summarize(make_run(tmp_path, "mid-write", cols, status="running"))
+    assert s["status"] == "running" and s["steps"] == 40 and s["final_loss"] == 1.25
+    assert s["best_loss"] == 0.75
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plot_of_finished_running_and_empty_runs(tmp_path):
+    runs = [make_run(tmp_path, "a", COLS),
+            make_run(tmp_path, "b", {**COLS, "test_acc": [NAN] * 4}, status="stopped"),
+            make_run(tmp_path, "empty", {}, status="running")]
+    png = tmp_path / "p.png"
+    text = report(runs, plot_path=png, target_loss=1.0, target_acc=0.8)
+    assert len(text.splitlines()) == 4
+    assert png_size(png) == (1760, 572) and png.stat().st_size > 10_000
+
+
+def test_plot_labels_axes_and_runs(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [make_run(tmp_path, "a", COLS), make_run(tmp_path, "b", COLS, status="stopped")]
+    seen = {}
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):      # look at the figure as it is written, then write it
+        seen["axes"] = [(ax.get_title(), ax.get_xlabel(), ax.get_ylabel(),
+                         [line.get_label() for line in ax.get_lines()]) for ax in fig.axes]
+        seen["legend"] = [t.get_text() for t in fig.legends[0].get_texts()]
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", keep)
+    report(runs, plot_path=tmp_path / "p.png")
+    assert png_size(tmp_path / "p.png") == (1760, 572)
+    titles = [a[0] for a in seen["axes"]]
+    assert titles == ["training loss against steps", "training loss against wall time",
+                      "test accuracy"]
+    assert [a[1] for a in seen["axes"]] == ["optimizer steps", "wall time (s)",
+                                            "optimizer steps"]
+    assert all(a[2] for a in seen["axes"])
+    assert seen["legend"] == ["a: sgd lr=0.05 mom=0.5, 4 ranks",
+                              "b: sgd lr=0.05 mom=0.5, 4 ranks (stopped)"]
+    assert all(len(a[3]) == 2 for a in seen["axes"])       # one line per run in each panel
+
+
+def test_plot_to_an_unwritable_place_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="cannot write"):
+        report([make_run(tmp_path, "a", COLS)], plot_path=tmp_path / "no-dir" / "p.png")
