@@ -52,6 +52,7 @@ class DenseNet:
             self._layers.append((offset, fan_in, fan_out))
             offset += fan_in * fan_out + fan_out
         self.n_params = offset
+        self._rows = None   # arange(B), the row index of the label picks, cached per B
 
     # ----- parameters -------------------------------------------------------------------
     def views(self, flat) -> list[tuple[Any, Any]]:
@@ -120,21 +121,26 @@ class DenseNet:
         _sigmoid_(xp, logits)
         return loss / len(x), logits
 
+    def _row_index(self, batch: int):
+        if self._rows is None or len(self._rows) != batch:
+            self._rows = self.xp.arange(batch)
+        return self._rows
+
     def _softmax_ce(self, logits, y):
         """(mean cross-entropy as a 0-d array, probabilities (B, C)). Overwrites logits."""
         xp = self.xp
         logits -= logits.max(axis=1, keepdims=True)
-        picked = logits[xp.arange(len(y)), y]
+        picked = logits[self._row_index(len(y)), y].sum()
         xp.exp(logits, out=logits)
         total = logits.sum(axis=1, keepdims=True)
-        loss = xp.mean(xp.log(total[:, 0]) - picked)
+        loss = (xp.log(total).sum() - picked) / len(y)
         logits /= total
         return loss, logits
 
     def _output_delta(self, p, x, y):
         """dF/dlogits (B, C) from the output probabilities p (overwritten)."""
         if self.output == "softmax":
-            p[self.xp.arange(len(y)), y] -= 1
+            p[self._row_index(len(y)), y] -= 1
         else:
             p -= x
         p /= len(p)

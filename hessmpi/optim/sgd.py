@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from hessmpi.optim.info import StepInfo
 
 PLAIN_STEP = StepInfo()
@@ -41,8 +43,11 @@ class SGD:
         v *= self.momentum
         v += g
         u = self._step
-        u[...] = g + self.momentum * v if self.nesterov else v
-        u *= lr
+        if self.nesterov:
+            u[...] = g + self.momentum * v
+            u *= lr
+        else:
+            np.multiply(v, lr, out=u)  # one pass (CuPy arrays too, via __array_ufunc__)
         theta -= u
         return PLAIN_STEP
 
