@@ -70,7 +70,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
                                low=0.0, low_open=True, high=1.0),
         "min_lr": Option(0.0, "float", "final learning rate of the cosine schedule", low=0.0),
         # --- the secant method (ALGORITHM.md sections 1-2) ---
-        "pairs": Option("probe", "str", "source of the secant pairs", choices=("probe", "local")),
+        "pairs": Option("probe", "str", "source of the secant pairs: the workers' probes, "
+                        "their local drifts, or the steps taken (history)",
+                        choices=("probe", "local", "history")),
         "probe": Option("sgd", "str", "probe direction of pairs = probe",
                         choices=("sgd", "random")),
         "probe_lr": Option(0.0, "float", "eta_probe of the sgd probe (0: the step's lr)",
@@ -280,6 +282,10 @@ def _check_combinations(cfg: dict) -> None:
                                                             or o["probe_batch"] != 1.0):
         raise UsageError("optim.probe_every and optim.probe_batch apply to optim.pairs = "
                          "'probe'; pairs = 'local' forms its pairs at every synchronisation")
+    if o["name"] == "secant" and o["pairs"] == "history" and (o["pairs_per_rank"] != 1
+                                                              or o["probe_batch"] != 1.0):
+        raise UsageError("optim.pairs_per_rank and optim.probe_batch apply to optim.pairs = "
+                         "'probe'; pairs = 'history' forms one global pair per step (use 1)")
     if o["name"] == "secant" and o["pairs"] == "local" and o["pairs_per_rank"] != 1:
         raise UsageError(f"optim.pairs_per_rank = {o['pairs_per_rank']} is invalid with "
                          "optim.pairs = 'local': each rank's drift gives one pair; use 1")

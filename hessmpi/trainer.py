@@ -113,8 +113,10 @@ class Run:
         theta = self.model.init_params(tcfg["seed"])
         comm.bcast_(theta)
         self.theta = xp.asarray(theta)
+        full_batch = self.sampler.batch_size == len(train.y)   # equal shards: on every rank
         self.optimizer = build_optimizer(cfg["optim"], self.theta, model=self.model, comm=comm,
-                                         draw_batch=self.next_batch, seed=tcfg["seed"])
+                                         draw_batch=self.next_batch, seed=tcfg["seed"],
+                                         full_batch=full_batch)
         n = self.model.n_params
         # One Allreduce per step carries the gradient (n), the loss and the stop-signal flag.
         self.buf = xp.zeros(n + 2, dtype=dtype)
@@ -191,8 +193,9 @@ class Run:
             epoch, position = int(np.floor(attrs["epoch"])) + 1, 0
             if self.comm.rank == 0:
                 log(f"warning: resuming on {self.comm.size} ranks a run checkpointed on "
-                    f"{attrs['mpi_size']}: parameters and momentum restored (a secant pair "
-                    f"memory starts empty), the data re-sharded; the sample order changed "
+                    f"{attrs['mpi_size']}: parameters and momentum restored (the workers' secant "
+                    f"pairs are dropped, history pairs kept), the data re-sharded; the "
+                    f"sample order changed "
                     f"(from epoch {epoch})")
         self.sampler.restore(int(epoch), int(position))
         self.start_step = int(attrs["step"])
@@ -255,6 +258,7 @@ class Run:
         self.forward_evals += info.forward_evals
         comm_time = comm.seconds - comm_before
         interval.steps += 1
+        t_probe += info.grad_seconds
         interval.t_grad += (t1 - t0) + t_probe
         interval.t_comm += comm_time
         interval.t_solve += (t2 - t1) - t_probe - comm_time

@@ -6,6 +6,13 @@ All pairs and the averaged gradient live as rows of one contiguous buffer
     W (1 + 2*P*k*K, n):  row 0 = g_bar, then K ring slots of 2*P*k rows each; in a slot,
                           rank r owns rows [2*k*r, 2*k*(r+1)): its k s-rows, then its k y-rows.
 
+With ``pairs = "history"`` a slot holds one global pair (P = k = 1 in the layout): the step
+taken, s = theta_{t+1} - theta_t, and the change of the averaged gradient on the same global
+batch, y = g_B(theta_{t+1}) - g_B(theta_t) (multi-batch L-BFGS, Berahas et al. 2016). It does
+not depend on the rank count. At full batch (every rank's batch is its whole shard) y is the
+difference of consecutive steps' averaged gradients and costs nothing; otherwise one extra
+gradient on the step's batch at the new point and one Allreduce of n.
+
 so that one in-place Allgather fills a slot, the memory never moves, the Gram update reads
 W once, and d = c @ W is one matrix-vector product. Nothing of size n is allocated per step.
 """
@@ -33,21 +40,26 @@ class Secant:
     for the probes, ``comm`` the collectives, ``draw_batch`` the next minibatch of this rank
     (used by ``pairs = "local"``), ``seed`` seeds the random probes."""
 
-    def __init__(self, theta, *, model, comm, draw_batch, seed: int, opts: dict):
+    def __init__(self, theta, *, model, comm, draw_batch, seed: int, opts: dict,
+                 full_batch: bool = False):
         self.model, self.comm, self.draw_batch, self.seed = model, comm, draw_batch, seed
         self.o = opts
+        self.full_batch = full_batch   # every batch of this rank is its whole shard
         xp = self.xp = model.xp
-        n, P = theta.shape[0], comm.size
-        self.k = opts["pairs_per_rank"]
-        self.slot_rows = 2 * P * self.k
+        self.history = opts["pairs"] == "history"
+        n = theta.shape[0]
+        self.k = 1 if self.history else opts["pairs_per_rank"]
+        self.slot_ranks = 1 if self.history else comm.size   # contributors to one slot
+        self.slot_rows = 2 * self.slot_ranks * self.k
         self.slots = opts["memory"]
-        self.m = P * self.k * self.slots
+        self.m = self.slot_ranks * self.k * self.slots
         self.W = xp.zeros((1 + self.slot_rows * self.slots, n), dtype=theta.dtype)
         self.gram = xp.zeros((self.W.shape[0],) * 2, dtype=theta.dtype)
         self.velocity = theta * 0
         self.work = theta * 0          # theta at the probe / drifted theta; then the step u
         self.filled = 0                # ring slots holding pairs
         self.next_slot = 0
+        self.pending = False           # history: the next slot holds a pair not yet counted
         self.steps = 0
         self.counts = dict.fromkeys((*FALLBACK_REASONS, "clipped"), 0)
         block = max(1, GRAM_BLOCK_BYTES // (self.W.shape[0] * self.W.itemsize))
@@ -57,6 +69,8 @@ class Secant:
             self._probe_cost = self.k * f + (f if f < 1 else 0.0)
             if opts["probe"] == "sgd" and self.k > 1:
                 self._probe_cost += 1.0   # the k sub-batch directions cost one gradient in all
+        elif self.history:
+            self._probe_cost = 0.0 if full_batch else 1.0
         else:
             self._probe_cost = opts["local_steps"] - 1.0
         self.grad_evals_per_step = 1.0 + self._probe_cost   # of the last step, fractional
@@ -71,20 +85,23 @@ class Secant:
     def state(self) -> dict:
         """The arrays that a checkpoint must keep."""
         return {"velocity": self.velocity, "W": self.W, "gram": self.gram,
-                "ring": np.array([self.filled, self.next_slot, self.steps]),
+                "ring": np.array([self.filled, self.next_slot, self.steps, self.pending]),
                 "counts": np.array(list(self.counts.values()))}
 
     def load_state(self, state: dict, same_layout: bool) -> None:
         """Restore ``state()`` as saved in a checkpoint. With another rank count
-        (``same_layout`` false) the pair memory does not fit the ring and starts empty."""
+        (``same_layout`` false) the workers' pairs do not fit the ring and the memory starts
+        empty; history pairs do not depend on the rank count and are kept."""
         xp = self.xp
         self.velocity[...] = xp.asarray(state["velocity"])
-        self.steps = int(state["ring"][2])
+        ring = [int(v) for v in state["ring"]]
+        self.steps = ring[2]
         self.counts = dict(zip(self.counts, (int(c) for c in state["counts"]), strict=True))
-        if same_layout:
+        if same_layout or self.history:
             self.W[...] = xp.asarray(state["W"])
             self.gram[...] = xp.asarray(state["gram"])
-            self.filled, self.next_slot = int(state["ring"][0]), int(state["ring"][1])
+            self.filled, self.next_slot = ring[0], ring[1]
+            self.pending = bool(ring[3]) if len(ring) > 3 else False
 
     def counters(self) -> str:
         """Fallbacks by reason and clipped steps so far, as JSON text."""
@@ -101,7 +118,8 @@ class Secant:
 
     def _my_rows(self, t: int):
         """(s rows (k, n), y rows (k, n)) of this rank in slot t."""
-        block = self._slot(t)[2 * self.k * self.comm.rank: 2 * self.k * (self.comm.rank + 1)]
+        r = 0 if self.history else self.comm.rank
+        block = self._slot(t)[2 * self.k * r: 2 * self.k * (r + 1)]
         return block[:self.k], block[self.k:]
 
     # ----- before the Allreduce: this rank's pairs ------------------------------------------
@@ -112,7 +130,7 @@ class Secant:
         seconds spent in gradient evaluations."""
         self.probing = self.o["pairs"] == "local" or self.steps % self.o["probe_every"] == 0
         self.grad_evals_per_step = 1.0 + (self._probe_cost if self.probing else 0.0)
-        if not self.probing:
+        if not self.probing or self.history:   # history pairs are formed in step()
             return 0.0
         s_rows, y_rows = self._my_rows(self.next_slot)
         if self.o["pairs"] == "local":
@@ -184,14 +202,18 @@ class Secant:
         (theta in place). ``grad`` (n,): the averaged gradient; ``loss``: the global
         minibatch objective at theta (the line search needs it); (x, y): this rank's batch."""
         xp, o, W = self.xp, self.o, self.W
-        if self.probing:
+        if self.history:
+            slot = self._commit_history_pair(grad)
+            W[0] = grad
+            self._update_gram(slot)
+        elif self.probing:
             self._exchange(theta, grad)
         else:
             W[0] = grad
             self._update_gram(None)
         active = 1 + self.filled * self.slot_rows
-        # rows of each slot: per rank, k s-rows then k y-rows
-        rows = np.arange(1, active).reshape(self.filled, self.comm.size, 2, self.k)
+        # rows of each slot: per contributing rank, k s-rows then k y-rows
+        rows = np.arange(1, active).reshape(self.filled, self.slot_ranks, 2, self.k)
         s_idx, y_idx = rows[:, :, 0].ravel(), rows[:, :, 1].ravel()
         # The (2m+1)^2 Gram matrix is tiny: its eigendecomposition and solves run on the host
         # (NumPy) on every backend; on a GPU, dozens of tiny kernels and syncs cost ~3 ms.
@@ -229,8 +251,52 @@ class Secant:
         v += u
         theta -= v
         self.steps += 1
+        seconds = 0.0
+        if self.history and not self.full_batch and self.probing:
+            seconds = self._measure_history_pair(theta, grad, x, y)
         return StepInfo(fallback=int(reason is not None), reason=reason, rank_kept=d.kept,
-                        forward_evals=forward_evals)
+                        forward_evals=forward_evals, grad_seconds=seconds)
+
+    def _commit_history_pair(self, grad) -> int | None:
+        """``pairs = "history"``: put the pair of the last step into the ring before W[0]
+        becomes ``grad``; returns its slot, or None. At full batch the pair is formed here,
+        y = grad - (the last step's averaged gradient, still in W[0]); otherwise it was
+        measured at the end of the last step (``pending``)."""
+        xp, slot = self.xp, self.next_slot
+        s_row, y_row = (rows[0] for rows in self._my_rows(slot))
+        if self.full_batch:
+            if self.steps == 0 or (self.steps - 1) % self.o["probe_every"]:
+                return None
+            xp.negative(self.velocity, out=s_row)
+            xp.subtract(grad, self.W[0], out=y_row)
+        elif not self.pending:
+            return None
+        if self.o["damping"]:
+            xp.multiply(s_row, self.o["damping"], out=self.work)
+            y_row += self.work
+        self.pending = False
+        self.next_slot = (slot + 1) % self.slots
+        self.filled = min(self.filled + 1, self.slots)
+        return slot
+
+    def _measure_history_pair(self, theta, grad, x, y) -> float:
+        """Below full batch, after the step: s = theta_new - theta_old and y = g_B(theta_new)
+        - g_B(theta_old) on this step's global batch B (one gradient of this rank's part of
+        B, one Allreduce), kept in the next slot until the next step commits it. Returns the
+        seconds of the gradient evaluation."""
+        xp = self.xp
+        s_row, y_row = (rows[0] for rows in self._my_rows(self.next_slot))
+        synchronize(xp)
+        t = time.perf_counter()
+        self.model.loss_grad(theta, x, y, y_row)
+        synchronize(xp)
+        seconds = time.perf_counter() - t
+        self.comm.allreduce_sum_(y_row)
+        y_row /= self.comm.size
+        y_row -= grad
+        xp.negative(self.velocity, out=s_row)
+        self.pending = True
+        return seconds
 
     def _exchange(self, theta, grad) -> None:
         """Finish this rank's pairs, Allgather them into the next ring slot, update the Gram
