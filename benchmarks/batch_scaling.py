@@ -164,6 +164,14 @@ METHODS: dict[str, dict] = {
                              "momentum": 0.0, "damping": 0.0, "h0": "bb",
                              "max_step_ratio": 1e4},
                       axes={"memory": [5, 10], "probe_every": [1]}),
+    # Multi-batch quasi-Newton (Berahas et al. 2016): the pairs are the steps taken and the change
+    # of the averaged gradient on the same global batch (free at the full batch, one more
+    # gradient per step below it), the same Armijo recipe as secant-ls.
+    "secant-history": dict(label="secant, history pairs + Armijo",
+                           optim={"name": "secant", "pairs": "history",
+                                  "line_search": "armijo", "newton_lr": 1.0, "momentum": 0.0,
+                                  "damping": 0.0, "h0": "bb", "max_step_ratio": 1e4},
+                           axes={"memory": [5, 10]}),
     # k = 10 basis columns (the softmax Hessian's top eigenvalue is a block of 9), full
     # Newton step (alpha = 1) in the tracked space, momentum on the complement.
     "deflated": dict(label="deflated (k=10)",
@@ -304,6 +312,14 @@ def expand_sweep(mode: str = "full", problems=None, batches=None, methods=None,
                                      model=dict(prob["model"]), seed=0, steps=steps,
                                      stage="reference" if reference else "tune"))
                 for seed in range(1, m["headline"].get((problem, batch), 1)):
+                    if reference:
+                        # the reference's own seeds: its best rate (lowest F), fixed steps
+                        runs.append(dict(problem=problem, method=method, batch=batch,
+                                         ranks=ranks, batch_per_rank=batch // ranks,
+                                         point=None, optim=None, model=dict(prob["model"]),
+                                         seed=seed, steps=steps, stage="reference",
+                                         target=None))
+                        continue
                     for target in unit_targets(m, problem, batch):
                         if target.startswith("test"):
                             continue
@@ -316,7 +332,9 @@ def expand_sweep(mode: str = "full", problems=None, batches=None, methods=None,
 
 
 def describe_run(r: dict) -> str:
-    if r["point"] is None:
+    if r["point"] is None and r.get("target") is None:
+        hyper = "the reference's best learning rate"
+    elif r["point"] is None:
         hyper = f"the configuration chosen for '{r['target']}'"
     else:
         hyper = " ".join(f"{k}={fmt(v) if isinstance(v, float) else v}"
@@ -1516,7 +1534,8 @@ def plot(results: dict, path: Path) -> None:
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.2 * nrows), squeeze=False)
     colors = {"sgd": "black", "secant": "tab:blue", "secant-ls": "tab:red",
-              "deflated": "tab:green"}
+              "secant-history": "tab:green",
+              "deflated": "tab:purple"}
     for ax, (problem, name) in zip(axes.flat, panels, strict=False):
         mine = [r for r in rows if r["problem"] == problem and r["target"] == name]
         for m in METHODS:

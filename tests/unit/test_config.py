@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+
 import pytest
 
 from hessmpi import config
@@ -40,6 +43,32 @@ def test_defaults_hold_every_schema_key_with_its_type():
         assert set(cfg[section]) == set(keys)
         for key, opt in keys.items():
             assert type(cfg[section][key]) is TYPES[opt.kind], (section, key)
+
+
+def test_readme_table_documents_every_key_with_its_default():
+    """Every schema key has a row in the README's configuration table, and the default shown
+    there (first backquoted value of the row) parses as TOML to the schema's default."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = text.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            for name in cells[0].replace("/", ",").split(","):
+                rows[name.strip().strip("`")] = cells[1]
+    defaults = config.defaults()
+    for section, keys in config.SCHEMA.items():
+        for key in keys:
+            name = f"{section}.{key}"
+            assert name in rows, f"{name} is missing from the README's configuration table"
+            if "," in rows[name] or "/" in rows[name]:
+                continue            # several keys share the row
+            shown = rows[name].split("`")[1]
+            try:
+                value = tomllib.loads(f"v = {shown}")["v"]
+            except tomllib.TOMLDecodeError:     # a bare string: sgd, float32, ...
+                value = shown
+            assert value == defaults[section][key], (name, shown)
 
 
 @pytest.mark.parametrize(("section", "key"), list(DOCUMENTED_DEFAULTS))

@@ -1,0 +1,201 @@
+"""History pairs (``optim.pairs = "history"``) through ``hessmpi train`` and ``--resume``,
+under real MPI, with real HDF5 checkpoints.
+
+Each test compares with something the resumed run did not produce: the final checkpoint and
+metrics rows of an uninterrupted run of the same configuration (byte for byte), the pair
+memory of the checkpoint the run was resumed from (read back with ``read_checkpoint``), and
+the fallback counters and messages the CLI wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from clirun import Result, hessmpi, set_args, train
+
+from hessmpi.checkpoint import checkpoint_path, list_checkpoints, read_checkpoint
+from hessmpi.metrics import COLUMNS, read_metrics
+
+pytestmark = pytest.mark.timeout(120)
+
+N, HALF = 16, 8
+N_TRAIN, MEMORY = 240, 5        # 120 rows per rank on 2 ranks, 80 on 3
+TIMING = ("wall_time", "t_grad", "t_comm", "t_solve")
+COMPARED = [c for c in COLUMNS if c not in TIMING]
+TIMEOUT = 60
+#: L-BFGS on the global batch, the intended use of history pairs.
+LBFGS = ["optim.name=secant", "optim.pairs=history", "optim.line_search=armijo",
+         "optim.newton_lr=1", "optim.momentum=0", "optim.damping=0", "optim.h0=bb",
+         "optim.max_step_ratio=1e4", f"optim.memory={MEMORY}", "optim.lr=0.5"]
+BATCHES = {"full-batch": N_TRAIN // 2, "minibatch": 16}
+
+
+# ----- helpers -------------------------------------------------------------------------------
+def base_sets(data: Path, batch: int) -> list[str]:
+    return [f"data.path={data}", "model.name=mlp", "model.hidden=[8]",
+            f"train.batch_size={batch}", "train.seed=5", "train.log_every=4",
+            "train.eval_every=8", f"checkpoint.every={HALF}", "checkpoint.keep=3",
+            "backend.threads=1", "optim.check_every=4", *LBFGS]
+
+
+def ok(result: Result) -> Result:
+    assert result.rc == 0, str(result)
+    assert "Traceback" not in result.stdout + result.stderr, str(result)
+    return result
+
+
+def new_run(out: Path, sets: list[str], *, n: int = 2) -> Result:
+    return ok(train(*set_args(sets), "--out", out, n=n, timeout=TIMEOUT))
+
+
+def resume(out: Path, *sets: str, n: int = 2) -> Result:
+    return ok(train("--resume", out, *set_args(list(sets)), n=n, timeout=TIMEOUT))
+
+
+def checkpoint(out: Path, step: int) -> tuple[dict, dict]:
+    path = checkpoint_path(out, step)
+    assert path.is_file(), f"no checkpoint {path}; have {list_checkpoints(out)}"
+    return read_checkpoint(path)
+
+
+def ring(arrays: dict) -> tuple[int, int, int, int]:
+    """(filled, next_slot, steps, pending) of a checkpoint's pair memory."""
+    r = [int(v) for v in arrays["optim/ring"]]
+    assert len(r) == 4, r
+    return tuple(r)
+
+
+def assert_same_state(got: tuple[dict, dict], want: tuple[dict, dict]) -> None:
+    """params, every optim/* array and the sampler identical byte for byte."""
+    (a, a_attrs), (b, b_attrs) = got, want
+    assert sorted(a) == sorted(b)
+    assert {"params", "optim/W", "optim/gram", "optim/ring"} <= set(a), sorted(a)
+    for name in sorted(a):
+        x, y = np.asarray(a[name]), np.asarray(b[name])
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        if x.tobytes() != y.tobytes():
+            bad = np.flatnonzero(x.reshape(-1).view(np.uint8) != y.reshape(-1).view(np.uint8))
+            pytest.fail(f"{name} differs in {bad.size} bytes (first at byte {bad[0]})")
+    for key in ("step", "epoch", "grad_evals", "forward_evals"):
+        assert a_attrs[key] == b_attrs[key], key
+
+
+def assert_same_rows(got: dict, want: dict) -> None:
+    for name in COMPARED:
+        if got[name].tobytes() != want[name].tobytes():
+            pytest.fail(f"metrics column {name} differs:\n{got[name]}\n{want[name]}")
+
+
+def slot_rows(W: np.ndarray, q: int) -> np.ndarray:
+    """The s and y rows of ring slot q: one global pair per slot (rows 1 + 2q, 2 + 2q)."""
+    return W[1 + 2 * q: 3 + 2 * q]
+
+
+# ----- runs shared by several tests ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("history")
+
+
+@pytest.fixture(scope="module")
+def data(workdir) -> Path:
+    path = workdir / "synthetic.h5"
+    result = hessmpi("data", "synthetic", "--n-train", N_TRAIN, "--n-test", "60",
+                     "--features", "10", "--classes", "3", "--out", path)
+    assert result.rc == 0, str(result)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_runs(workdir, data):
+    """For a batch kind, built once: a straight run of N steps, a run of HALF steps (kept
+    pristine), and a copy of it resumed to N steps, all on 2 ranks."""
+    built: dict[str, dict] = {}
+
+    def get(kind: str) -> dict:
+        if kind not in built:
+            base = workdir / kind
+            sets = base_sets(data, BATCHES[kind])
+            straight, half = base / "straight", base / "half"
+            new_run(straight, [*sets, f"train.steps={N}"])
+            new_run(half, [*sets, f"train.steps={HALF}"])
+            resumed = base / "resumed"
+            shutil.copytree(half, resumed)
+            result = resume(resumed, f"train.steps={N}")
+            built[kind] = dict(straight=straight, half=half, resumed=resumed, result=result)
+        return built[kind]
+
+    return get
+
+
+# ----- exact continuation --------------------------------------------------------------------
+@pytest.mark.parametrize("kind", list(BATCHES))
+def test_resume_continues_history_pairs_bit_for_bit(kind, reference_runs):
+    """N/2 steps and --resume to N give the straight run's final checkpoint and metrics rows
+    byte for byte. Below full batch every step forms a pair (probe_every 1), so the
+    checkpoint of step N/2 holds a pair measured but not yet committed (pending); at full
+    batch none is pending and a step costs one gradient."""
+    runs = reference_runs(kind)
+    full = kind == "full-batch"
+    mid, mid_attrs = checkpoint(runs["half"], HALF)
+    # HALF steps: pairs of steps 0..HALF-2 committed, step HALF-1's pending below full batch
+    assert ring(mid) == (MEMORY, (HALF - 1) % MEMORY, HALF, 0 if full else 1)
+    assert mid_attrs["grad_evals"] == HALF * (1 if full else 2)
+    assert f"step {HALF}" in runs["result"].stdout
+    assert_same_state(checkpoint(runs["resumed"], N), checkpoint(runs["straight"], N))
+    attrs, got = read_metrics(runs["resumed"] / "metrics.h5")
+    want_attrs, want = read_metrics(runs["straight"] / "metrics.h5")
+    np.testing.assert_array_equal(got["step"], np.arange(4, N + 1, 4))
+    assert_same_rows(got, want)
+    assert attrs["status"] == "finished" and list(attrs["resumed_at"]) == [HALF]
+    assert attrs["fallback_reasons"] == want_attrs["fallback_reasons"]
+    assert json.loads(attrs["fallback_reasons"])["no_pairs"] == 1    # only the first step
+    assert np.all(got["grad_evals"] == got["step"] * (1 if full else 2))
+
+
+def test_resume_on_three_ranks_keeps_the_history_memory(reference_runs, tmp_path):
+    """The minibatch run checkpointed on 2 ranks (a pending pair in it), resumed on 3 for one
+    step: the warning is printed once; the 3-rank checkpoint keeps every slot of the 2-rank
+    one but the slot the new step measured into (the pending pair committed unchanged), and
+    the first step after the resume is no 'no_pairs' fallback."""
+    runs = reference_runs("minibatch")
+    out = tmp_path / "run"
+    shutil.copytree(runs["half"], out)
+    before, _ = checkpoint(out, HALF)
+    result = resume(out, f"train.steps={HALF + 1}", n=3)
+    said = (result.stdout + result.stderr).splitlines()
+    warnings = [line for line in said if "warning: resuming on 3 ranks" in line]
+    assert len(warnings) == 1, str(result)
+    assert "checkpointed on 2" in warnings[0] and "history pairs kept" in warnings[0]
+
+    after, attrs = checkpoint(out, HALF + 1)
+    assert attrs["mpi_size"] == 3 and after["sampler"].shape == (3, 2)
+    assert ring(after) == (MEMORY, HALF % MEMORY, HALF + 1, 1)
+    assert before["optim/W"].shape == after["optim/W"].shape
+    for q in range(MEMORY):
+        if q == HALF % MEMORY:                         # the pair measured by step HALF + 1
+            continue
+        assert slot_rows(after["optim/W"], q).tobytes() == \
+            slot_rows(before["optim/W"], q).tobytes(), f"slot {q} changed"
+        assert slot_rows(before["optim/W"], q).any(), f"slot {q} was empty"
+    m_attrs, _ = read_metrics(out / "metrics.h5")
+    assert json.loads(m_attrs["fallback_reasons"])["no_pairs"] == 1
+    assert m_attrs["status"] == "finished" and m_attrs["mpi_size"] == 3
+
+
+# ----- configuration errors ------------------------------------------------------------------
+@pytest.mark.parametrize("override", ["optim.pairs_per_rank=2", "optim.probe_batch=0.5"])
+def test_history_with_a_probe_option_exits_2(override, data, tmp_path):
+    out = tmp_path / "out"
+    result = train(*set_args([*base_sets(data, 16), override, "train.steps=2"]), "--out",
+                   out, timeout=TIMEOUT)
+    assert result.rc == 2, str(result)
+    errors = [line for line in result.stderr.splitlines() if "hessmpi: error" in line]
+    assert len(errors) == 1, str(result)
+    assert override.split("=")[0] in errors[0] and "history" in errors[0], errors[0]
+    assert "Traceback" not in result.stdout + result.stderr, str(result)
+    assert not (out / "metrics.h5").exists()
