@@ -112,7 +112,8 @@ SCHEMA: dict[str, dict[str, Option]] = {
     },
     "train": {
         "steps": Option(1000, "int", "total optimizer steps", low=1),
-        "batch_size": Option(64, "int", "minibatch size per rank", low=1),
+        "batch_size": Option(64, "int", "minibatch size per rank (0: the rank's whole shard, "
+                             "i.e. full batch on any number of ranks)", low=0),
         "seed": Option(0, "int", "seed of initialisation and sampling", low=0),
         "log_every": Option(10, "int", "steps between rows of metrics.h5 and progress lines",
                             low=1),
@@ -274,7 +275,7 @@ def _check_combinations(cfg: dict) -> None:
                 raise UsageError(f"optim.{key} = {o[key]!r} is invalid with optim.name = "
                                  f"'deflated', which tracks one basis: use {allowed!r}")
     if (o["name"] == "secant" and o["pairs"] == "probe" and o["probe"] == "sgd"
-            and o["pairs_per_rank"] > cfg["train"]["batch_size"]):
+            and o["pairs_per_rank"] > (cfg["train"]["batch_size"] or math.inf)):
         raise UsageError(f"optim.pairs_per_rank = {o['pairs_per_rank']} is invalid with "
                          f"train.batch_size = {cfg['train']['batch_size']}: the sgd probe "
                          "splits each minibatch into pairs_per_rank sub-batches")

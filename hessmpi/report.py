@@ -140,7 +140,7 @@ def _row(run: Path, attrs: dict, cfg: dict, cols: dict, *, target_loss: float | 
     finite_loss = loss[np.isfinite(loss)]
     row = {
         "run": str(run), "method": method_label(cfg["optim"]),
-        "ranks": int(attrs.get("mpi_size", 0)), "batch": cfg["train"]["batch_size"],
+        "ranks": int(attrs.get("mpi_size", 0)), "batch": cfg["train"]["batch_size"] or "full",
         "backend": attrs.get("backend", "?"), "status": attrs.get("status", "?"),
         "steps": steps,
         "grad_evals": _count(cols["grad_evals"][-1]) if steps else 0,

@@ -101,7 +101,8 @@ class Run:
         path = cfg["data"]["path"]
         train = comm.collectively(read_shard, path, "train", comm.rank, comm.size, equal=True)
         test = comm.collectively(read_shard, path, "test", comm.rank, comm.size, equal=False)
-        self.sampler = comm.collectively(Sampler, len(train.y), tcfg["batch_size"],
+        self.sampler = comm.collectively(Sampler, len(train.y),
+                                         tcfg["batch_size"] or len(train.y),
                                          tcfg["seed"], comm.rank)
         comm.collectively(prepare_output, comm, out, resume is not None)
         self.x_train, self.y_train = xp.asarray(train.x, dtype=dtype), xp.asarray(train.y)

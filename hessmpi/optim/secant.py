@@ -10,9 +10,10 @@ With ``pairs = "history"`` a slot holds one global pair (P = k = 1 in the layout
 taken, s = theta_{t+1} - theta_t, and the change of the averaged gradient on the same global
 batch, y = g_B(theta_{t+1}) - g_B(theta_t) (the pairs of multi-batch L-BFGS, Berahas et al.
 2016; the step is still the block rule of :mod:`quasi_newton`, which meets every kept secant
-equation at once, not L-BFGS's two-loop recursion). It does not depend on the rank count. At full batch (every rank's batch is its whole shard) y is the
-difference of consecutive steps' averaged gradients and costs nothing; otherwise one extra
-gradient on the step's batch at the new point and one Allreduce of n.
+equation at once, not L-BFGS's two-loop recursion). It does not depend on the rank count.
+At full batch (every rank's batch is its whole shard) y is the difference of consecutive
+steps' averaged gradients and costs nothing; otherwise one extra gradient on the step's
+batch at the new point and one Allreduce of n.
 
 so that one in-place Allgather fills a slot, the memory never moves, the Gram update reads
 W once, and d = c @ W is one matrix-vector product. Nothing of size n is allocated per step.

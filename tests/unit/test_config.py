@@ -170,7 +170,7 @@ BAD_SETS = [
     # bool for int, non-integer float for int
     ("train.steps=true", ["train.steps", "an integer >= 1"]),
     ("train.steps=10.5", ["train.steps", "an integer >= 1"]),
-    ("train.batch_size=many", ["train.batch_size", "an integer >= 1"]),
+    ("train.batch_size=many", ["train.batch_size", "an integer >= 0"]),
     ("train.seed=inf", ["train.seed", "an integer >= 0"]),
     # out of range
     ("optim.lr=0", ["optim.lr", "> 0"]),
@@ -314,3 +314,17 @@ def test_non_utf8_file(tmp_path):
     with pytest.raises(UsageError) as exc:
         config.load(path)
     assert str(path) in str(exc.value)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "jobs" /
+                                         "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_ready_configs_load(path):
+    """Every configuration shipped in jobs/configs passes validation as it stands."""
+    cfg = config.load(path, [])
+    assert cfg["model"]["name"] in config.SCHEMA["model"]["name"].choices
+
+
+def test_batch_size_zero_means_the_whole_shard_and_negative_is_refused():
+    assert config.load(None, ["train.batch_size=0"])["train"]["batch_size"] == 0
+    with pytest.raises(UsageError, match="train.batch_size"):
+        config.load(None, ["train.batch_size=-1"])
