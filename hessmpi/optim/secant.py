@@ -6,6 +6,9 @@ All pairs and the averaged gradient live as rows of one contiguous buffer
     W (1 + 2*P*k*K, n):  row 0 = g_bar, then K ring slots of 2*P*k rows each; in a slot,
                           rank r owns rows [2*k*r, 2*k*(r+1)): its k s-rows, then its k y-rows.
 
+so that one in-place Allgather fills a slot, the memory never moves, the Gram update reads
+W once, and d = c @ W is one matrix-vector product. Nothing of size n is allocated per step.
+
 With ``pairs = "history"`` a slot holds one global pair (P = k = 1 in the layout): the step
 taken, s = theta_{t+1} - theta_t, and the change of the averaged gradient on the same global
 batch, y = g_B(theta_{t+1}) - g_B(theta_t) (the pairs of multi-batch L-BFGS, Berahas et al.
@@ -14,9 +17,6 @@ equation at once, not L-BFGS's two-loop recursion). It does not depend on the ra
 At full batch (every rank's batch is its whole shard) y is the difference of consecutive
 steps' averaged gradients and costs nothing; otherwise one extra gradient on the step's
 batch at the new point and one Allreduce of n.
-
-so that one in-place Allgather fills a slot, the memory never moves, the Gram update reads
-W once, and d = c @ W is one matrix-vector product. Nothing of size n is allocated per step.
 """
 
 from __future__ import annotations
