@@ -520,13 +520,14 @@ def outward(points: dict[str, dict], key: str, axis: str, widen_axes: bool) -> l
             new.append(p["lr"] / GRID_FACTOR)
         if not above:
             new.append(p["lr"] * GRID_FACTOR)
-    elif widen_axes:
-        lattice = AXIS_LATTICE[axis]
-        i = lattice.index(p[axis])
-        if not below and i > 0:
-            new.append(lattice[i - 1])
-        if not above and i < len(lattice) - 1:
-            new.append(lattice[i + 1])
+    elif widen_axes:   # to the nearest lattice values beyond it (the grid may be off-lattice)
+        lattice = sorted(AXIS_LATTICE[axis])
+        lower = [v for v in lattice if v < p[axis]]
+        higher = [v for v in lattice if v > p[axis]]
+        if not below and lower:
+            new.append(lower[-1])
+        if not above and higher:
+            new.append(higher[0])
     return [{**p, axis: v} for v in new]
 
 

@@ -302,6 +302,24 @@ def test_placement_interior_bound_edge_fixed(bs):
     assert bs.placement(one, key({"lr": 0.2, "memory": 10}))["memory"] == "EDGE"
 
 
+def test_outward_widens_to_the_nearest_lattice_values_also_off_the_lattice(bs):
+    """memory's lattice is 1, 2, 5, 10, 20, 40 and newton_lr's 0.05 ... 2 (hand-copied): a
+    lone point widens to the lattice neighbours on both sides, from on or off the lattice
+    (a mode may start a grid at 3 or 0.25), and never past the ends."""
+    curve = [(0, 0, 0, 0, 1.0)]
+
+    def widened(point, axis):
+        return [q[axis] for q in bs.outward(grid((point, curve)), key(point), axis, True)]
+
+    assert widened({"lr": 1.0, "memory": 5}, "memory") == [2, 10]
+    assert widened({"lr": 1.0, "memory": 3}, "memory") == [2, 5]
+    assert widened({"lr": 1.0, "memory": 40}, "memory") == [20]
+    assert widened({"lr": 1.0, "newton_lr": 0.25}, "newton_lr") == [0.2, 0.5]
+    assert widened({"lr": 1.0, "memory": 3}, "lr") == [0.5, 2.0]
+    assert bs.outward(grid(({"lr": 1.0, "memory": 3}, curve)), key({"lr": 1.0, "memory": 3}),
+                      "memory", False) == []
+
+
 def test_planner_thresholds_come_from_fstar_and_the_reference(bs):
     planner = bs.Planner.__new__(bs.Planner)       # only what thresholds() reads
     planner.mode, planner.fstar, planner.results = bs.MODES["full"], 2.0, {}
