@@ -521,7 +521,7 @@ def outward(points: dict[str, dict], key: str, axis: str, widen_axes: bool) -> l
         if not above:
             new.append(p["lr"] * GRID_FACTOR)
     elif widen_axes:   # to the nearest lattice values beyond it (the grid may be off-lattice)
-        lattice = sorted(AXIS_LATTICE[axis])
+        lattice = sorted(AXIS_LATTICE.get(axis, []))
         lower = [v for v in lattice if v < p[axis]]
         higher = [v for v in lattice if v > p[axis]]
         if not below and lower:
