@@ -159,7 +159,7 @@ METHODS: dict[str, dict] = {
     # step, no momentum, no damping (the line search makes it unnecessary; damping 0.1 adds
     # 0.1 I to every pair's curvature and stalled softmax at 8e-2 relative on a first try),
     # the Barzilai-Borwein scale s'y/y'y of the initial inverse Hessian, the clip far away.
-    "secant-ls": dict(label="secant + Armijo + memory",
+    "secant-ls": dict(label="secant, probe pairs + Armijo + memory",
                       optim={"name": "secant", "line_search": "armijo", "newton_lr": 1.0,
                              "momentum": 0.0, "damping": 0.0, "h0": "bb",
                              "max_step_ratio": 1e4},
@@ -1539,14 +1539,15 @@ def plot(results: dict, path: Path) -> None:
               "deflated": "tab:purple"}
     for ax, (problem, name) in zip(axes.flat, panels, strict=False):
         mine = [r for r in rows if r["problem"] == problem and r["target"] == name]
-        for m in METHODS:
+        for i, m in enumerate(METHODS):
             pts = sorted((r for r in mine if r["method"] == m), key=lambda r: r["batch"])
             if not pts:
                 continue
             xs = [r["batch"] for r in pts if math.isfinite(r["steps"])]
             ys = [r["steps"] for r in pts if math.isfinite(r["steps"])]
             ax.plot(xs, ys, "o-", color=colors[m], label=METHODS[m]["label"])
-            cx = [r["batch"] for r in pts if not math.isfinite(r["steps"])
+            shift = 2.0 ** (0.05 * (i - len(METHODS) // 2))   # so the triangles do not hide
+            cx = [r["batch"] * shift for r in pts if not math.isfinite(r["steps"])
                   and r["cell"]["censored"]]
             cy = [r["cell"]["censored"] for r in pts if not math.isfinite(r["steps"])
                   and r["cell"]["censored"]]
