@@ -64,6 +64,7 @@ bench: install
 	$(BIN)/python benchmarks/secant_step.py
 	$(BIN)/python benchmarks/checkpoint.py
 	$(BIN)/python benchmarks/convergence.py --quick
+	$(BIN)/python benchmarks/fullbatch_wall.py
 
 # On a machine with a GPU (CuPy installed): GPU against CPU, SGD and secant.
 bench-gpu: install

@@ -105,10 +105,16 @@ def main() -> None:
     from hessmpi.backend import make_backend, node_layout
     from hessmpi.comm import Communicator
 
-    if not DATA.is_file():
-        raise SystemExit(f"fullbatch_wall: {DATA} is missing; build it with "
-                         "benchmarks/batch_scaling.py --prepare")
     comm = Communicator(MPI.COMM_WORLD)
+    if comm.rank == 0 and not DATA.is_file():   # built once from ../shared/data, git-ignored
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("batch_scaling",
+                                                      ROOT / "benchmarks" / "batch_scaling.py")
+        bs = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bs)
+        bs.build_dataset(DATA.parent, bs.SHARED_MNIST)
+    comm.comm.Barrier()
     local_rank, _, _ = node_layout(MPI.COMM_WORLD)
     backend = make_backend("cpu", "float32", args.threads, local_rank=local_rank)
     tmp = Path(comm.bcast(tempfile.mkdtemp(prefix="hessmpi-fbw-") if comm.rank == 0 else None))
