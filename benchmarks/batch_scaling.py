@@ -1291,6 +1291,10 @@ def cell(u: dict, name: str) -> dict:
     test = name.startswith("test")
     select = next((n for n in u["thresholds"] if not n.startswith("test")), None)
     chosen = u["chosen"].get(select if test else name)
+    if chosen is None and u.get("reference"):
+        # the reference unit's configuration is its rate chosen by F after its fixed steps
+        # (its own seed 0 may stop short of the upper median over seeds it defines)
+        chosen = u["reference"]["point"]
     out = dict(point=chosen, hits=[], reached=0, seeds=0, censored=None, status=None)
     if chosen is None:
         # nobody reached it: report the most steps any run took without reaching it
@@ -1633,6 +1637,9 @@ def main(argv=None) -> None:
                     "headline point of --full, else 1)")
     ap.add_argument("--minutes", type=float, help="time budget: no new run starts after it "
                     "(quick 3.5, full 8.5); what was not run is listed")
+    ap.add_argument("--retime", action="store_true",
+                    help="with --report: time the chosen configurations alone again (on "
+                    "this machine, now) and use those times")
     ap.add_argument("--no-timing", action="store_true",
                     help="no re-timing alone after the sweep (use the in-run step times)")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
@@ -1663,6 +1670,17 @@ def main(argv=None) -> None:
         results = merge(json.loads(p.read_text()) for p in args.report)
         tail = "" if results["mode"] == "full" else "-quick"
         out = args.out or RESULTS_DIR / f"batch_scaling{tail}.json"
+        if args.retime:
+            units = results["units"].values()
+            args.problems = list(dict.fromkeys(u["problem"] for u in units))
+            args.batches = sorted({u["batch"] for u in units})
+            args.methods = list(dict.fromkeys(u["method"] for u in units))
+            args.device = {u["problem"]: u["device"].split(":")[0] for u in units}
+            args.threads = args.threads or max(u["threads"] for u in units)
+            args.ranks = max(u["ranks"] for u in units)
+            planner = Planner(args, results["mode"], args.data_dir / "mnist-t10k.h5", None)
+            with tempfile.TemporaryDirectory(prefix="hessmpi-bs-") as tmp:
+                retime(results, planner, MODES[results["mode"]], args.ranks, Path(tmp))
         save(results, out, args.plot or out.with_suffix(".png"))
         return
     if args.list or args.jobs_array:
@@ -1775,28 +1793,38 @@ def run_sweep(args, mode_name: str, out: Path, png: Path) -> None:
 
         results["not_run"] = run_units(planner, args.ranks, deadline, tmp, on_result)
         if timing and results["units"]:
-            items = []
-            rows = summarize(dict(results, timings=[]))
-            for u in results["units"].values():
-                mine = [r for r in rows if (r["problem"], r["batch"], r["method"])
-                        == (u["problem"], u["batch"], u["method"])]
-                for pt in {point_key(r["cell"]["point"]): r["cell"]["point"] for r in mine
-                           if r["cell"]["point"] is not None}.values():
-                    steps = [r["steps"] for r in mine if r["cell"]["point"] == pt
-                             and math.isfinite(r["steps"])]
-                    n = int(min(mode.get("timing_steps", TIMING_STEPS),
-                                max(steps) if steps else TIMING_STEPS))
-                    items.append(dict(problem=u["problem"], batch=u["batch"],
-                                      method=u["method"], point=pt, warmup=TIMING_WARMUP,
-                                      steps=max(n, 10)))
-            t = time.time()
-            print(f"batch_scaling: timing {len(items)} chosen configurations alone ...",
-                  flush=True)
-            results["timings"] = run_timing(planner, items, args.ranks, tmp, "timing")
-            results["timing_seconds"] = time.time() - t
+            retime(results, planner, mode, args.ranks, tmp)
     results["seconds"] = time.time() - started
     save(results, out, png)
     print(f"batch_scaling: {results['seconds'] / 60:.1f} min in all")
+
+
+def timing_items(results: dict, mode: dict) -> list[dict]:
+    """The chosen configuration of every unit and target, to time alone: up to the mode's
+    timing steps, or the most steps it took to a target (at least 10)."""
+    items = []
+    rows = summarize(dict(results, timings=[]))
+    for u in results["units"].values():
+        mine = [r for r in rows if (r["problem"], r["batch"], r["method"])
+                == (u["problem"], u["batch"], u["method"])]
+        for pt in {point_key(r["cell"]["point"]): r["cell"]["point"] for r in mine
+                   if r["cell"]["point"] is not None}.values():
+            steps = [r["steps"] for r in mine if r["cell"]["point"] == pt
+                     and math.isfinite(r["steps"])]
+            n = int(min(mode.get("timing_steps", TIMING_STEPS),
+                        max(steps) if steps else TIMING_STEPS))
+            items.append(dict(problem=u["problem"], batch=u["batch"], method=u["method"],
+                              point=pt, warmup=TIMING_WARMUP, steps=max(n, 10)))
+    return items
+
+
+def retime(results: dict, planner: Planner, mode: dict, ranks: int, tmp: Path) -> None:
+    """Replace results["timings"] by the chosen configurations timed alone, one at a time."""
+    items = timing_items(results, mode)
+    t = time.time()
+    print(f"batch_scaling: timing {len(items)} chosen configurations alone ...", flush=True)
+    results["timings"] = run_timing(planner, items, ranks, tmp, "timing")
+    results["timing_seconds"] = time.time() - t
 
 
 def gpu_available() -> bool:
