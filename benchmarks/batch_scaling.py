@@ -7,14 +7,16 @@
     python benchmarks/batch_scaling.py --list [--full]       (the runs of the sweep; runs nothing)
     python benchmarks/batch_scaling.py --jobs-array [--full] (a SLURM job-array recipe of them)
     python benchmarks/batch_scaling.py --report A.json B.json (merge results; tables and plot)
+    python benchmarks/batch_scaling.py --report A.json --retime (and re-time the choices alone)
     python benchmarks/batch_scaling.py --prepare             (only the dataset and F*, to carry)
 
 The question (issue 10; ALGORITHM.md sections 6-9): distributed training is the large-batch
 regime (global batch = ranks x batch per rank; wall time goes with steps), so measure steps to
 a target against the global batch size, each point tuned (Shallue et al. 2018; Zhang et al.
 2019), for SGD with momentum 0.9, the secant method without a line search, the secant method
-with the Armijo line search on the shared batch and a memory of several steps' pairs, and the
-deflated variant.
+with the Armijo line search on the shared batch and a memory of several steps' probe pairs,
+the same on history pairs (the steps taken and the change of the averaged gradient on the
+same global batch), and the deflated variant.
 
 Problems (mnist-t10k: the first 8,000 samples train, the last 2,000 test; built with
 hessmpi.importers.mnist into bench-results/batch_scaling-data/, never into the repository):
