@@ -521,3 +521,27 @@ def test_only_a_test_target_makes_the_evaluator_read_the_test_split(run_unit, tw
                     (True, True, ["train", "test"])]          # the MLP: test acc, reported
     result = results["softmax"]
     assert all(r["test_curve"] is None for p in result["points"] for r in p["records"])
+
+
+def test_reference_unit_reports_its_own_configuration(bs):
+    """The reference unit fixes the train target as the upper median over seeds of F after
+    its steps, so its seed 0 may never reach it and nothing is 'chosen' by seed 0; the
+    report then uses the reference's configuration, the median over its seeds (seed 0 an
+    unreached inf), and the test target's hits from the same records."""
+    curve_hit = [(0, 0, 0, 0, 1.0), (200, 200, 0, 1, 0.07), (400, 400, 0, 2, 0.05)]
+    curve_miss = [(0, 0, 0, 0, 1.0), (200, 200, 0, 1, 0.08), (400, 400, 0, 2, 0.06)]
+    test_curve = [(0, 0, 0, 0, 0.1), (200, 200, 0, 1, 0.96), (400, 400, 0, 2, 0.97)]
+    point = {"lr": 0.125}
+    records = [dict(record(curve_miss), seed=0, steps=400, test_curve=test_curve),
+               dict(record(curve_hit), seed=1, steps=400, test_curve=test_curve),
+               dict(record(curve_hit), seed=2, steps=400, test_curve=test_curve)]
+    u = dict(thresholds={"train loss": 0.055, "test acc 0.95": 0.95}, chosen={},
+             reference=dict(point=point), points=[dict(point=point, records=records)])
+    train = bs.cell(u, "train loss")
+    assert train["point"] == point and (train["reached"], train["seeds"]) == (2, 3)
+    assert bs.median_hit(train, "steps") == 400
+    test = bs.cell(u, "test acc 0.95")
+    assert test["point"] == point and test["reached"] == 3
+    assert bs.median_hit(test, "steps") == 200
+    # a tuning unit without a choice still reports where it stopped
+    assert bs.cell(dict(u, reference=None), "train loss")["point"] is None
