@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from mpi4py import MPI
+from toymodels import Quadratic, Recorder
 
 from hessmpi import config
 from hessmpi.comm import Communicator
@@ -54,39 +55,6 @@ def options(**overrides) -> dict:
 def make(model, theta, comm, *, full_batch: bool, **overrides) -> Secant:
     return Secant(theta, model=model, comm=comm, draw_batch=None, seed=3,
                   opts=options(**overrides), full_batch=full_batch)
-
-
-class Recorder:
-    """Wraps a model: records the points at which ``loss`` is evaluated (line-search trials)
-    and the number of rows of every ``loss_grad`` call."""
-
-    def __init__(self, model):
-        self.inner, self.xp = model, model.xp
-        self.trials, self.grad_rows = [], []
-
-    def loss(self, theta, x, y):
-        self.trials.append(np.array(theta, copy=True))
-        return self.inner.loss(theta, x, y)
-
-    def loss_grad(self, theta, x, y, grad):
-        self.grad_rows.append(len(y))
-        return self.inner.loss_grad(theta, x, y, grad)
-
-
-class Quadratic:
-    """F(theta) = 1/2 theta^T A theta - b^T theta (the batch is ignored)."""
-
-    xp = np
-
-    def __init__(self, A, b):
-        self.A, self.b = A, b
-
-    def loss(self, theta, x, y):
-        return 0.5 * theta @ self.A @ theta - self.b @ theta
-
-    def loss_grad(self, theta, x, y, grad):
-        grad[...] = self.A @ theta - self.b
-        return self.loss(theta, x, y)
 
 
 def spd(n, seed, low=1.0, high=10.0):
