@@ -9,6 +9,8 @@ value and what is allowed.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import math
 import tomllib
 from dataclasses import dataclass
@@ -25,6 +27,12 @@ class Option:
     kind: "int", "float", "str", "bool" or "int_list".
     choices: allowed values of a "str" option.
     low: smallest allowed value of a number (inclusive unless ``low_open``).
+    applies: where the key means something, by the value of its section's ``name`` key
+    (model.name, optim.name): {name: {other key: allowed values}} (every condition must
+    hold; ``"*"``: any name); None: everywhere. A key set to a non-default value where it
+    does not apply is refused.
+    fixed: a resumed run must keep it (it fixes the model, the data or the shape of the
+    optimizer state).
     """
 
     default: Any
@@ -34,6 +42,17 @@ class Option:
     low: float | None = None
     low_open: bool = False
     high: float | None = None
+    applies: dict[str, dict[str, tuple]] | None = None
+    fixed: bool = False
+
+
+def _on(*names: str, **conditions: tuple) -> dict[str, dict[str, tuple]]:
+    """``applies`` for the section names ``names``, each under ``conditions``."""
+    return {name: conditions for name in names}
+
+
+SGD, SECANT, DEFLATED = "sgd", "secant", "deflated"
+QUASI_NEWTON = (SECANT, DEFLATED)
 
 
 SCHEMA: dict[str, dict[str, Option]] = {
@@ -41,80 +60,102 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "name": Option("softmax", "str", "softmax (multinomial logistic regression), mlp, or "
                        "autoencoder (deep autoencoder of the inputs: logistic units, linear "
                        "code layer, cross-entropy reconstruction)",
-                       choices=("softmax", "mlp", "autoencoder")),
-        "hidden": Option([256, 256], "int_list", "MLP hidden layer widths (ignored by softmax)"),
-        "activation": Option("relu", "str", "MLP hidden activation", choices=("relu", "tanh")),
+                       choices=("softmax", "mlp", "autoencoder"), fixed=True),
+        "hidden": Option([256, 256], "int_list", "MLP hidden layer widths",
+                         applies=_on("mlp"), fixed=True),
+        "activation": Option("relu", "str", "MLP hidden activation", choices=("relu", "tanh"),
+                             applies=_on("mlp"), fixed=True),
         "encoder": Option([1000, 500, 250, 30], "int_list", "autoencoder encoder widths, the "
-                          "last is the code; the decoder mirrors them"),
-        "l2": Option(1e-4, "float", "L2 penalty (l2/2)*||theta||^2 in the objective", low=0.0),
+                          "last is the code; the decoder mirrors them",
+                          applies=_on("autoencoder"), fixed=True),
+        "l2": Option(1e-4, "float", "L2 penalty (l2/2)*||theta||^2 in the objective", low=0.0,
+                     fixed=True),
     },
     "data": {
-        "path": Option("data/digits.h5", "str", "HDF5 dataset file (groups train and test)"),
+        "path": Option("data/digits.h5", "str", "HDF5 dataset file (groups train and test)",
+                       fixed=True),
     },
     "optim": {
         "name": Option("sgd", "str", "optimizer: data-parallel SGD, SGD accelerated by the "
                        "workers' secant pairs, or the deflated variant that tracks the top "
                        "Hessian eigenspace (ALGORITHM.md s.1-2, 7)",
-                       choices=("sgd", "secant", "deflated")),
+                       choices=(SGD, SECANT, DEFLATED), fixed=True),
         "lr": Option(0.1, "float", "SGD learning rate eta", low=0.0, low_open=True),
         "momentum": Option(0.9, "float", "momentum (for secant: beta of the momentum on d)",
                            low=0.0, high=0.999999),
-        "nesterov": Option(False, "bool", "Nesterov momentum"),
+        "nesterov": Option(False, "bool", "Nesterov momentum", applies=_on(SGD)),
         "weight_decay": Option(0.0, "float", "decoupled from the objective: added to the gradient",
-                               low=0.0),
+                               low=0.0, applies=_on(SGD)),
         "schedule": Option("constant", "str", "learning-rate schedule",
                            choices=("constant", "step", "cosine")),
         "warmup_steps": Option(0, "int", "linear warm-up from lr/warmup_steps to lr", low=0),
-        "decay_every": Option(1000, "int", "steps between decays of the step schedule", low=1),
+        "decay_every": Option(1000, "int", "steps between decays of the step schedule", low=1,
+                              applies=_on("*", schedule=("step",))),
         "decay_factor": Option(0.1, "float", "factor of each decay of the step schedule",
-                               low=0.0, low_open=True, high=1.0),
-        "min_lr": Option(0.0, "float", "final learning rate of the cosine schedule", low=0.0),
+                               low=0.0, low_open=True, high=1.0,
+                               applies=_on("*", schedule=("step",))),
+        "min_lr": Option(0.0, "float", "final learning rate of the cosine schedule", low=0.0,
+                         applies=_on("*", schedule=("cosine",))),
         # --- the secant method (ALGORITHM.md sections 1-2) ---
         "pairs": Option("probe", "str", "source of the secant pairs: the workers' probes, "
                         "their local drifts, or the steps taken (history)",
-                        choices=("probe", "local", "history")),
+                        choices=("probe", "local", "history"), applies=_on(SECANT),
+                        fixed=True),
         "probe": Option("sgd", "str", "probe direction of pairs = probe",
-                        choices=("sgd", "random")),
+                        choices=("sgd", "random"), applies=_on(SECANT, pairs=("probe",)),
+                        fixed=True),
         "probe_lr": Option(0.0, "float", "eta_probe of the sgd probe (0: the step's lr)",
-                           low=0.0),
-        "probe_sigma": Option(1e-3, "float", "length of the random probe relative to "
-                              "max(||theta||, 1)", low=0.0, low_open=True),
+                           low=0.0, applies=_on(SECANT, pairs=("probe",), probe=("sgd",))),
+        "probe_sigma": Option(1e-3, "float", "length of the random probe (deflated: of the "
+                              "finite difference) relative to max(||theta||, 1)",
+                              low=0.0, low_open=True,
+                              applies=_on(SECANT, pairs=("probe",), probe=("random",))
+                              | _on(DEFLATED)),
         "probe_every": Option(1, "int", "T: form new pairs every T steps (cost 1 + cost of "
-                              "the probe / T gradients per step)", low=1),
+                              "the probe / T gradients per step)", low=1,
+                              applies=_on(SECANT, pairs=("probe", "history")) | _on(DEFLATED)),
         "probe_batch": Option(1.0, "float", "fraction of each minibatch the probe uses (< 1: "
                               "also its base gradient there, cost 2 * fraction)",
-                              low=0.0, low_open=True, high=1.0),
+                              low=0.0, low_open=True, high=1.0,
+                              applies=_on(SECANT, pairs=("probe",))),
         "local_steps": Option(4, "int", "SGD gradient evaluations per synchronisation of "
-                              "pairs = local", low=2),
-        "pairs_per_rank": Option(1, "int", "k: pairs each rank adds per step", low=1),
-        "memory": Option(1, "int", "K: steps of pairs kept (ring buffer)", low=1),
-        "damping": Option(0.1, "float", "lam: Y <- Y + lam*S", low=0.0),
-        "curvature": Option("bfgs", "str", "step rule", choices=("bfgs", "lsq", "subspace")),
-        "curvature_tol": Option(1e-6, "float", "tau of the curvature filter", low=0.0),
+                              "pairs = local", low=2, applies=_on(SECANT, pairs=("local",))),
+        "pairs_per_rank": Option(1, "int", "k: pairs each rank adds per step", low=1,
+                                 applies=_on(SECANT, pairs=("probe",)) | _on(DEFLATED),
+                                 fixed=True),
+        "memory": Option(1, "int", "K: steps of pairs kept (ring buffer)", low=1,
+                         applies=_on(SECANT), fixed=True),
+        "damping": Option(0.1, "float", "lam: Y <- Y + lam*S", low=0.0, applies=_on(SECANT)),
+        "curvature": Option("bfgs", "str", "step rule", choices=("bfgs", "lsq", "subspace"),
+                            applies=_on(SECANT)),
+        "curvature_tol": Option(1e-6, "float", "tau of the curvature filter", low=0.0,
+                                applies=_on(SECANT)),
         "lsq_mu": Option(1e-12, "float", "mu of the lsq rule, relative to tr(Y^T Y)/m",
-                         low=0.0),
-        "h0": Option("lr", "str", "scale of the initial inverse Hessian", choices=("lr", "bb")),
+                         low=0.0, applies=_on(SECANT, curvature=("lsq",))),
+        "h0": Option("lr", "str", "scale of the initial inverse Hessian", choices=("lr", "bb"),
+                     applies=_on(SECANT)),
         "newton_lr": Option(0.2, "float", "alpha: step length along the secant direction",
-                            low=0.0, low_open=True),
+                            low=0.0, low_open=True, applies=_on(*QUASI_NEWTON)),
         "max_step_ratio": Option(10.0, "float", "clip ||d|| <= ratio * ||lr * g_bar||",
-                                 low=0.0, low_open=True),
+                                 low=0.0, low_open=True, applies=_on(SECANT)),
         "line_search": Option("none", "str", "backtracking (Armijo) on the global minibatch "
                               "objective, starting at newton_lr (ALGORITHM.md s.8)",
-                              choices=("none", "armijo")),
+                              choices=("none", "armijo"),
+                              applies=_on(SECANT, pairs=("probe", "history"))),
         "ls_c1": Option(1e-4, "float", "c1 of the Armijo condition", low=0.0, low_open=True,
-                        high=1.0),
+                        high=1.0, applies=_on(SECANT, line_search=("armijo",))),
         "ls_max_trials": Option(5, "int", "trial steps (halving) before the SGD fallback",
-                                low=1),
+                                low=1, applies=_on(SECANT, line_search=("armijo",))),
         "exchange": Option("allgather", "str", "how pairs move between ranks",
-                           choices=("allgather",)),
+                           choices=("allgather",), applies=_on(*QUASI_NEWTON)),
         "check_every": Option(100, "int", "steps between checks that all ranks hold identical "
                               "parameters (0: never)", low=0),
     },
     "train": {
         "steps": Option(1000, "int", "total optimizer steps", low=1),
         "batch_size": Option(64, "int", "minibatch size per rank (0: the rank's whole shard, "
-                             "i.e. full batch on any number of ranks)", low=0),
-        "seed": Option(0, "int", "seed of initialisation and sampling", low=0),
+                             "i.e. full batch on any number of ranks)", low=0, fixed=True),
+        "seed": Option(0, "int", "seed of initialisation and sampling", low=0, fixed=True),
         "log_every": Option(10, "int", "steps between rows of metrics.h5 and progress lines",
                             low=1),
         "eval_every": Option(100, "int", "steps between test-set evaluations (0: only at the end)",
@@ -128,7 +169,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
     "backend": {
         "device": Option("auto", "str", "array backend device", choices=("auto", "cpu", "gpu")),
         "dtype": Option("float32", "str", "floating-point type of parameters and data",
-                        choices=("float32", "float64")),
+                        choices=("float32", "float64"), fixed=True),
         "threads": Option(0, "int", "BLAS threads per rank (0: node cores / ranks on the node)",
                           low=0),
         "share_gpus": Option(False, "bool", "allow more ranks than GPUs on a node"),
@@ -214,8 +255,10 @@ def _merge(cfg: dict, section: str, key: str, value: Any, where: str) -> None:
 def load(path: str | Path | None, overrides: list[str] = (),
          base: dict | None = None) -> dict[str, dict[str, Any]]:
     """``base`` (default: the defaults), then the TOML file at ``path`` (if any), then
-    ``section.key=value`` overrides."""
+    ``section.key=value`` overrides. A key given here (not inherited from ``base``) with a
+    non-default value where it does not apply is refused."""
     cfg = copy.deepcopy(base) if base is not None else defaults()
+    given: set[tuple[str, str]] = set()
     if path is not None:
         path = Path(path)
         try:
@@ -235,61 +278,86 @@ def load(path: str | Path | None, overrides: list[str] = (),
                                  f"known sections: {', '.join(SCHEMA)}")
             for key, value in table.items():
                 _merge(cfg, section, key, value, str(path))
+                given.add((section, key))
     for item in overrides:
         name, sep, text = item.partition("=")
         section, dot, key = name.strip().partition(".")
         if not sep or not dot:
             raise UsageError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=0.05")
         _merge(cfg, section, key, _parse_value(text.strip()), f"--set {item}")
+        given.add((section, key))
     _check_combinations(cfg)
+    _check_applicable(cfg, given)
     return cfg
 
 
-#: Keys that fix the model, the data, or the shape of the optimizer state: a resumed run
-#: must keep them.
-FIXED_ON_RESUME = ("model.name", "model.hidden", "model.activation", "model.l2", "data.path",
-                   "backend.dtype", "train.seed", "train.batch_size", "optim.name",
-                   "optim.pairs", "optim.probe", "optim.pairs_per_rank", "optim.memory")
+def applies(cfg: dict, section: str, key: str) -> bool:
+    """Whether ``section.key`` means something in configuration ``cfg`` (Option.applies)."""
+    rule = SCHEMA[section][key].applies
+    if rule is None:
+        return True
+    table = cfg[section]
+    conditions = rule.get(table.get("name"), rule.get("*"))
+    return conditions is not None and all(table[k] in allowed
+                                          for k, allowed in conditions.items())
+
+
+def _where(section: str, rule: dict) -> str:
+    """Where a key applies, in words: "optim.name = 'secant' with pairs = 'probe'"."""
+    def one(name, conditions):
+        words = [] if name == "*" else [f"{section}.name = {name!r}"]
+        words += [f"{k} = {' or '.join(map(repr, v))}" for k, v in conditions.items()]
+        return " with ".join(words)
+    return "; or ".join(one(name, c) for name, c in rule.items())
+
+
+def _check_applicable(cfg: dict, given: set[tuple[str, str]]) -> None:
+    for section, key in sorted(given):
+        opt = SCHEMA[section][key]
+        if cfg[section][key] != opt.default and not applies(cfg, section, key):
+            raise UsageError(f"config key {section}.{key} = {cfg[section][key]!r} does not "
+                             f"apply with {section}.name = {cfg[section]['name']!r}: it "
+                             f"applies with {_where(section, opt.applies)}; remove it")
 
 
 def fixed_keys_differ(a: dict, b: dict) -> list[str]:
-    """The FIXED_ON_RESUME keys whose values differ between configurations a and b."""
-    return [k for k in FIXED_ON_RESUME
-            if a[k.split(".")[0]][k.split(".")[1]] != b[k.split(".")[0]][k.split(".")[1]]]
+    """The keys a resumed run must keep (Option.fixed) whose values differ between
+    configurations a and b."""
+    return [f"{sec}.{key}" for sec, keys in SCHEMA.items() for key, opt in keys.items()
+            if opt.fixed and a[sec][key] != b[sec][key]]
 
 
 def _check_combinations(cfg: dict) -> None:
-    """Rules that involve several keys."""
+    """Rules that involve several keys beyond where each applies."""
     o = cfg["optim"]
     if cfg["model"]["name"] == "autoencoder" and not cfg["model"]["encoder"]:
         raise UsageError("model.encoder = [] is invalid with model.name = 'autoencoder': give "
                          "the encoder widths, the last the code, e.g. [1000, 500, 250, 30]")
-    if o["name"] == "secant" and o["pairs"] == "local" and o["line_search"] != "none":
-        raise UsageError("optim.line_search = 'armijo' is invalid with optim.pairs = 'local': "
-                         "the step starts from the ranks' averaged point, whose objective is "
-                         "not known")
-    if o["name"] == "deflated":
-        for key, allowed in (("memory", 1), ("pairs", "probe"), ("probe_batch", 1.0),
-                             ("line_search", "none")):
-            if o[key] != allowed:
-                raise UsageError(f"optim.{key} = {o[key]!r} is invalid with optim.name = "
-                                 f"'deflated', which tracks one basis: use {allowed!r}")
-    if (o["name"] == "secant" and o["pairs"] == "probe" and o["probe"] == "sgd"
+    if (o["name"] == SECANT and o["pairs"] == "probe" and o["probe"] == "sgd"
             and o["pairs_per_rank"] > (cfg["train"]["batch_size"] or math.inf)):
         raise UsageError(f"optim.pairs_per_rank = {o['pairs_per_rank']} is invalid with "
                          f"train.batch_size = {cfg['train']['batch_size']}: the sgd probe "
                          "splits each minibatch into pairs_per_rank sub-batches")
-    if o["name"] == "secant" and o["pairs"] == "local" and (o["probe_every"] != 1
-                                                            or o["probe_batch"] != 1.0):
-        raise UsageError("optim.probe_every and optim.probe_batch apply to optim.pairs = "
-                         "'probe'; pairs = 'local' forms its pairs at every synchronisation")
-    if o["name"] == "secant" and o["pairs"] == "history" and (o["pairs_per_rank"] != 1
-                                                              or o["probe_batch"] != 1.0):
-        raise UsageError("optim.pairs_per_rank and optim.probe_batch apply to optim.pairs = "
-                         "'probe'; pairs = 'history' forms one global pair per step (use 1)")
-    if o["name"] == "secant" and o["pairs"] == "local" and o["pairs_per_rank"] != 1:
-        raise UsageError(f"optim.pairs_per_rank = {o['pairs_per_rank']} is invalid with "
-                         "optim.pairs = 'local': each rank's drift gives one pair; use 1")
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "int_list": list}
+
+
+@functools.cache
+def _options_class(section: str, name: str | None) -> type:
+    fields = [(key, _TYPES[opt.kind]) for key, opt in SCHEMA[section].items()
+              if opt.applies is None or name in opt.applies or "*" in opt.applies]
+    title = "".join(w.title() for w in f"{name or ''} {section}".split())
+    return dataclasses.make_dataclass(f"{title}Options", fields, frozen=True)
+
+
+def options(cfg: dict, section: str):
+    """The typed options of ``section`` (a frozen dataclass, attribute access): for a section
+    with a ``name`` key, only the keys that can apply to that name (model.name,
+    optim.name); reading another is an AttributeError."""
+    table = cfg[section]
+    cls = _options_class(section, table.get("name"))
+    return cls(**{f.name: copy.deepcopy(table[f.name]) for f in dataclasses.fields(cls)})
 
 
 def _toml_value(value: Any) -> str:

@@ -12,3 +12,12 @@ class RunFailed(Exception):
 class RunStopped(Exception):
     """A run stopped on request (SIGTERM, SIGUSR1) after writing a checkpoint; it can be
     resumed. Exit status 75 (EX_TEMPFAIL: try again)."""
+
+
+class NonFiniteLoss(RunFailed):
+    """The global training loss of a step is NaN or infinite (every rank sees the same
+    reduced value, so every rank raises it at the same step)."""
+
+    def __init__(self, value: float):
+        super().__init__(f"the training loss is {value}")
+        self.value = value

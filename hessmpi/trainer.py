@@ -1,4 +1,5 @@
-"""The SPMD training loop: batch -> gradient -> one Allreduce -> optimizer step -> metrics.
+"""The SPMD training loop: batch -> optimizer step on the distributed objective -> metrics
+-> checkpoint.
 
 Every rank builds a :class:`Run` with the same configuration and calls ``run()``.
 Decisions that must be the same everywhere (stop on a non-finite loss or a signal,
@@ -26,11 +27,12 @@ from hessmpi.backend import Backend
 from hessmpi.checkpoint import BackgroundWriter, CheckpointError, checkpoint_path, write_checkpoint
 from hessmpi.comm import Communicator
 from hessmpi.data import Sampler, read_shard
-from hessmpi.errors import RunFailed, RunStopped, UsageError
+from hessmpi.errors import NonFiniteLoss, RunFailed, RunStopped, UsageError
 from hessmpi.metrics import MetricsFile
 from hessmpi.models import build_model
+from hessmpi.objective import Objective
 from hessmpi.optim import StepInfo, build_optimizer
-from hessmpi.optim.schedule import learning_rate
+from hessmpi.optim.schedule import Schedule
 from hessmpi.progress import Progress
 
 
@@ -69,14 +71,6 @@ def prepare_output(comm: Communicator, out: Path, resuming: bool) -> None:
             raise UsageError(f"cannot create output directory {out}: {e.strerror}") from None
 
 
-def evaluate(model, comm: Communicator, theta, x, y) -> tuple[float, float]:
-    """(mean test cross-entropy, test accuracy) over every rank's test shard."""
-    loss_sum, correct = model.evaluate(theta, x, y)
-    totals = np.array([loss_sum, correct, len(y)], dtype=np.float64)
-    comm.allreduce_sum_(totals)
-    return totals[0] / totals[2], totals[1] / totals[2]
-
-
 def model_signature(cfg: dict, n_features: int, n_classes: int, n_params: int) -> str:
     """What a checkpoint must match to be loaded into this run: model, data shape, optimizer."""
     o = cfg["optim"]
@@ -86,7 +80,7 @@ def model_signature(cfg: dict, n_features: int, n_classes: int, n_params: int) -
 
 
 class Run:
-    """One training run on this rank: data shards, model, optimizer, buffers, metrics file.
+    """One training run on this rank: data shards, model, objective, optimizer, metrics file.
 
     Built by every rank with the same ``cfg``; raises UsageError on every rank alike for
     bad input. ``resume``: (arrays, attrs) of a verified checkpoint to continue from.
@@ -105,7 +99,7 @@ class Run:
                                          tcfg["batch_size"] or len(train.y),
                                          tcfg["seed"], comm.rank)
         comm.collectively(prepare_output, comm, out, resume is not None)
-        self.x_train, self.y_train = xp.asarray(train.x, dtype=dtype), xp.asarray(train.y)
+        x_train, y_train = xp.asarray(train.x, dtype=dtype), xp.asarray(train.y)
         self.x_test, self.y_test = xp.asarray(test.x, dtype=dtype), xp.asarray(test.y)
         self.model = build_model(cfg["model"], train.x.shape[1], train.n_classes, xp=xp,
                                  dtype=dtype)
@@ -115,15 +109,12 @@ class Run:
         comm.bcast_(theta)
         self.theta = xp.asarray(theta)
         full_batch = self.sampler.batch_size == len(train.y)   # equal shards: on every rank
-        self.optimizer = build_optimizer(cfg["optim"], self.theta, model=self.model, comm=comm,
-                                         draw_batch=self.next_batch, seed=tcfg["seed"],
-                                         full_batch=full_batch)
+        self.objective = Objective(self.model, comm, x_train, y_train, self.sampler,
+                                   full_batch=full_batch)
+        self.optimizer = build_optimizer(config_mod.options(cfg, "optim"), self.theta,
+                                         self.objective, seed=tcfg["seed"])
+        self.schedule = Schedule.from_config(cfg)
         n = self.model.n_params
-        # One Allreduce per step carries the gradient (n), the loss and the stop-signal flag.
-        self.buf = xp.zeros(n + 2, dtype=dtype)
-        self.grad = self.buf[:n]
-        self.grad_evals = 0.0   # gradient evaluations per rank, fractional for sub-batches
-        self.forward_evals = 0  # forward-only passes per rank (line search)
         self.start_step = 0
         self.wall_offset = 0.0
         self.stop_signal = 0      # set by SIGTERM/SIGUSR1 on this rank
@@ -168,9 +159,9 @@ class Run:
 
         arrays = {"params": host(self.theta), "sampler": np.array(samplers, dtype=np.int64)}
         arrays.update({f"optim/{k}": host(v) for k, v in self.optimizer.state().items()})
-        attrs = {"step": step, "epoch": self.sampler.epochs_done, "grad_evals": self.grad_evals,
-                 "forward_evals": self.forward_evals,
-                 "wall_time": wall, "config": config_mod.to_toml(self.cfg),
+        attrs = {"step": step, "epoch": self.sampler.epochs_done,
+                 **self.objective.counters(), "wall_time": wall,
+                 "config": config_mod.to_toml(self.cfg),
                  "mpi_size": self.comm.size, "hessmpi_version": __version__,
                  "signature": self.signature}
         return arrays, attrs
@@ -200,8 +191,7 @@ class Run:
                     f"(from epoch {epoch})")
         self.sampler.restore(int(epoch), int(position))
         self.start_step = int(attrs["step"])
-        self.grad_evals = float(attrs["grad_evals"])
-        self.forward_evals = int(attrs.get("forward_evals", 0))
+        self.objective.restore_counters(attrs)
         self.wall_offset = float(attrs["wall_time"])
 
     def save_checkpoint(self, step: int, wall: float) -> Path:
@@ -224,52 +214,35 @@ class Run:
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
 
-    def next_batch(self):
-        """This rank's next minibatch (x (B, d), y (B,)) from the deterministic sampler."""
-        idx = self.backend.xp.asarray(self.sampler.next())
-        return self.x_train[idx], self.y_train[idx]
-
-    def step(self, step: int, interval: Interval) -> tuple[float, StepInfo]:
-        """Optimizer step number ``step`` (0-based): returns the global minibatch objective
-        at the parameters it started from, and what the optimizer reported."""
-        comm, n, ocfg = self.comm, self.model.n_params, self.cfg["optim"]
-        lr = learning_rate(step, lr=ocfg["lr"], schedule=ocfg["schedule"],
-                           warmup_steps=ocfg["warmup_steps"], decay_every=ocfg["decay_every"],
-                           decay_factor=ocfg["decay_factor"], min_lr=ocfg["min_lr"],
-                           total_steps=self.cfg["train"]["steps"])
-        xb, yb = self.next_batch()
+    def step(self, step: int, interval: Interval) -> StepInfo:
+        """Optimizer step number ``step`` (0-based) on this rank's next minibatch; the step's
+        seconds split into model evaluations, collectives and the rest."""
+        comm, objective = self.comm, self.objective
+        objective.next_batch()
+        objective.stop_flag = self.stop_signal
         comm_before, bytes_before = comm.seconds, comm.bytes_sent
-        t0 = time.perf_counter()
-        self.buf[n] = self.model.loss_grad(self.theta, xb, yb, self.grad)
-        self.buf[n + 1] = self.stop_signal
+        eval_before = objective.seconds
+        started = time.perf_counter()
+        try:
+            info = self.optimizer.step(self.theta, objective, self.schedule(step))
+        except NonFiniteLoss as e:
+            raise RunFailed(f"the training loss is {e.value} at step {step + 1} "
+                            "(the run diverged: lower optim.lr)") from None
         self.backend.synchronize()
-        t1 = time.perf_counter()
-        t_probe = self.optimizer.observe(self.theta, self.grad, lr, xb, yb)
-        comm.allreduce_sum_(self.buf)
-        self.stop_requested = bool(self.buf[n + 1] != 0)
-        self.buf /= comm.size
-        loss = float(self.buf[n])
-        if not math.isfinite(loss):
-            raise RunFailed(f"the training loss is {loss} at step {step + 1} "
-                            "(the run diverged: lower optim.lr)")
-        info = self.optimizer.step(self.theta, self.grad, lr, xb, yb, loss)
-        self.backend.synchronize()
-        t2 = time.perf_counter()
-        self.grad_evals += self.optimizer.grad_evals_per_step
-        self.forward_evals += info.forward_evals
-        comm_time = comm.seconds - comm_before
+        elapsed = time.perf_counter() - started
+        self.stop_requested = objective.stop_requested
+        t_eval, t_comm = objective.seconds - eval_before, comm.seconds - comm_before
         interval.steps += 1
-        t_probe += info.grad_seconds
-        interval.t_grad += (t1 - t0) + t_probe
-        interval.t_comm += comm_time
-        interval.t_solve += (t2 - t1) - t_probe - comm_time
+        interval.t_grad += t_eval
+        interval.t_comm += t_comm
+        interval.t_solve += elapsed - t_eval - t_comm
         interval.bytes_sent += comm.bytes_sent - bytes_before
-        return loss, info
+        return info
 
     def optimizer_counters(self) -> dict:
         """Root attributes for the optimizer's counters (fallback reasons), if it has any."""
-        counters = getattr(self.optimizer, "counters", None)
-        return {"fallback_reasons": counters()} if counters else {}
+        counters = self.optimizer.counters()
+        return {"fallback_reasons": json.dumps(counters)} if counters else {}
 
     def check_consistency(self, done: int) -> None:
         """Stop on every rank if the ranks' parameter vectors are not bitwise identical."""
@@ -328,7 +301,7 @@ class Run:
         started = time.perf_counter() - self.wall_offset
         for step in range(self.start_step, steps):
             self.failed_at = step + 1
-            loss, info = self.step(step, interval)
+            info = self.step(step, interval)
             done = step + 1
             last = done == steps
             if check_every and (done % check_every == 0 or last):
@@ -336,13 +309,14 @@ class Run:
             if done % tcfg["log_every"] == 0 or last:
                 evaluated = last or (tcfg["eval_every"] and done % tcfg["eval_every"] == 0)
                 if evaluated:
-                    test_loss, test_acc = evaluate(self.model, self.comm, self.theta,
-                                                   self.x_test, self.y_test)
+                    test_loss, test_acc = self.objective.evaluate(self.theta, self.x_test,
+                                                                  self.y_test)
                 row = {
                     "step": done, "epoch": self.sampler.epochs_done,
-                    "wall_time": time.perf_counter() - started, "train_loss": loss,
-                    "grad_evals": self.grad_evals, "forward_evals": self.forward_evals,
-                    "grad_norm": float(self.backend.xp.linalg.norm(self.grad)),
+                    "wall_time": time.perf_counter() - started, "train_loss": info.loss,
+                    "grad_evals": self.objective.grad_evals,
+                    "forward_evals": self.objective.forward_evals,
+                    "grad_norm": float(self.backend.xp.linalg.norm(self.objective.grad)),
                     "step_norm": self.optimizer.last_step_norm, "fallback": info.fallback,
                     "rank_kept": info.rank_kept, "t_grad": interval.mean("t_grad"),
                     "t_comm": interval.mean("t_comm"), "t_solve": interval.mean("t_solve"),
@@ -353,7 +327,7 @@ class Run:
                 interval = Interval()
                 if self.metrics is not None:
                     self.metrics.append([row], steps_done=done, **self.optimizer_counters())
-                    progress.update(done, f"loss {loss:.4g}"
+                    progress.update(done, f"loss {info.loss:.4g}"
                                     + (f" test_acc {test_acc:.4f}" if evaluated else ""))
             if (every and done % every == 0) or last or self.stop_requested:
                 path = self.save_checkpoint(done, time.perf_counter() - started)
@@ -370,7 +344,7 @@ class Run:
             progress.close()
             self.metrics.append([], status="finished", wall_time_total=wall,
                                 finished=datetime.now(UTC).isoformat(timespec="seconds"))
-        return dict(steps=steps, train_loss=loss, test_loss=test_loss, test_acc=test_acc,
+        return dict(steps=steps, train_loss=info.loss, test_loss=test_loss, test_acc=test_acc,
                     wall_time=wall)
 
 

@@ -1,27 +1,29 @@
-"""Optimizers: each takes the averaged gradient of a step and updates theta in place."""
+"""Optimizers: each takes one step on the distributed objective and updates theta in place.
+
+``sgd``: :class:`SGD`; ``secant``: :class:`Secant` (a pair source, the pair memory, the
+step rule, a line search); ``deflated``: :class:`Deflated` (basis probes over the same
+memory and exchange). Every one follows :class:`~hessmpi.optim.base.Optimizer`.
+"""
 
 from __future__ import annotations
 
+from hessmpi.optim.base import Optimizer, StepInfo
 from hessmpi.optim.deflated import Deflated
-from hessmpi.optim.info import StepInfo
-from hessmpi.optim.secant import Secant, secant_options
+from hessmpi.optim.secant import Secant
 from hessmpi.optim.sgd import SGD
 
-__all__ = ["SGD", "Deflated", "Secant", "StepInfo", "build_optimizer"]
+__all__ = ["SGD", "Deflated", "Optimizer", "Secant", "StepInfo", "build_optimizer"]
 
 
-def build_optimizer(optim_cfg: dict, theta, *, model, comm, draw_batch, seed: int,
-                    full_batch: bool = False):
-    """The optimizer of the ``[optim]`` section for parameters like ``theta`` (n,).
-    ``draw_batch()`` gives this rank's next minibatch (x, y); ``seed`` seeds random probes;
-    ``full_batch``: every minibatch of every rank is its whole shard."""
-    if optim_cfg["name"] == "sgd":
-        return SGD(theta, momentum=optim_cfg["momentum"], weight_decay=optim_cfg["weight_decay"],
-                   nesterov=optim_cfg["nesterov"])
-    if optim_cfg["name"] == "secant":
-        return Secant(theta, model=model, comm=comm, draw_batch=draw_batch, seed=seed,
-                      opts=secant_options(optim_cfg), full_batch=full_batch)
-    if optim_cfg["name"] == "deflated":
-        return Deflated(theta, model=model, comm=comm, draw_batch=draw_batch, seed=seed,
-                        opts=secant_options(optim_cfg))
-    raise ValueError(f"unknown optimizer {optim_cfg['name']!r}")
+def build_optimizer(opts, theta, objective, *, seed: int) -> Optimizer:
+    """The optimizer of the typed ``[optim]`` options ``opts`` (``config.options(cfg,
+    "optim")``) for parameters like ``theta`` (n,) on ``objective``; ``seed`` seeds what is
+    random in it (probes, the first basis)."""
+    if opts.name == "sgd":
+        return SGD(theta, momentum=opts.momentum, weight_decay=opts.weight_decay,
+                   nesterov=opts.nesterov)
+    if opts.name == "secant":
+        return Secant(theta, objective, opts, seed=seed)
+    if opts.name == "deflated":
+        return Deflated(theta, objective, opts, seed=seed)
+    raise ValueError(f"unknown optimizer {opts.name!r}")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hessmpi.optim.info import StepInfo
-
-PLAIN_STEP = StepInfo()
+from hessmpi.optim.base import StepInfo
 
 
 class SGD:
@@ -16,28 +14,28 @@ class SGD:
     State: ``velocity`` (n,). ``last_step_norm``: ||lr*d|| of the last step.
     """
 
-    grad_evals_per_step = 1
-
     def __init__(self, theta, *, momentum: float, weight_decay: float, nesterov: bool):
         self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
         self.velocity = theta * 0
         self._step = theta * 0
 
     def state(self) -> dict:
-        """The arrays that a checkpoint must keep."""
         return {"velocity": self.velocity}
 
     def load_state(self, state: dict, same_layout: bool) -> None:
-        """Restore ``state()`` as saved in a checkpoint."""
         self.velocity[...] = state["velocity"]
 
-    def observe(self, theta, grad, lr: float, x, y) -> float:
-        """Nothing to do before the Allreduce; no gradient evaluations (0 seconds)."""
-        return 0.0
+    def counters(self) -> dict[str, int]:
+        return {}
 
-    def step(self, theta, grad, lr: float, x=None, y=None, loss=None) -> StepInfo:
-        """One step in place; ``grad`` (n,) is the averaged gradient and is not modified;
-        the batch (x, y) and the loss are not needed."""
+    def step(self, theta, objective, lr: float) -> StepInfo:
+        """The averaged gradient of the objective's batch, then one step in place."""
+        loss = objective.gradient(theta)
+        self.update(theta, objective.grad, lr)
+        return StepInfo(loss)
+
+    def update(self, theta, grad, lr: float) -> None:
+        """theta -= lr * d for the averaged gradient ``grad`` (n,), which is not modified."""
         g = grad + self.weight_decay * theta if self.weight_decay else grad
         v = self.velocity
         v *= self.momentum
@@ -49,7 +47,6 @@ class SGD:
         else:
             np.multiply(v, lr, out=u)  # one pass (CuPy arrays too, via __array_ufunc__)
         theta -= u
-        return PLAIN_STEP
 
     @property
     def last_step_norm(self) -> float:

@@ -23,12 +23,14 @@ DATA = FIXTURES / "traj_data.h5"          # 200 train / 50 test rows, 8 features
 RECORD = FIXTURES / "trajectories.json"
 STEPS = 30
 RANKS = (1, 2, 3)
-#: metrics columns that are measurements of this machine, not of the trajectory
-UNCOMPARED = ("wall_time", "t_grad", "t_comm", "t_solve", "bytes_sent")
+#: metrics columns of the trajectory (not the timings and bytes of this machine), as recorded
+COMPARED = ("epoch", "fallback", "forward_evals", "grad_evals", "grad_norm", "rank_kept",
+            "step", "step_norm", "test_acc", "test_loss", "train_loss")
 
-BASE = ["model.name=mlp", "model.hidden=[8]", "model.activation=tanh", "backend.dtype=float64",
+BASE = ["backend.dtype=float64",
         "backend.device=cpu", "backend.threads=1", f"train.steps={STEPS}", "train.batch_size=8",
         "train.seed=3", "train.log_every=5", "train.eval_every=10", "optim.check_every=10"]
+MLP = ["model.name=mlp", "model.hidden=[8]", "model.activation=tanh"]
 SECANT = ["optim.name=secant", "optim.lr=0.05"]
 LBFGS = ["optim.name=secant", "optim.pairs=history", "optim.line_search=armijo",
          "optim.newton_lr=1", "optim.momentum=0", "optim.damping=0", "optim.h0=bb",
@@ -61,6 +63,12 @@ MATRIX: dict[str, list[str]] = {
 }
 
 
+def config(name: str) -> list[str]:
+    """The overrides of configuration ``name``: the MLP unless it names another model."""
+    sets = MATRIX[name]
+    return sets if any(s.startswith("model.name=") for s in sets) else [*MLP, *sets]
+
+
 def digest(array) -> str:
     return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).hexdigest()
 
@@ -74,12 +82,11 @@ def summarise(out: Path) -> dict:
     (step, path), *_ = list_checkpoints(out)
     arrays, attrs = read_checkpoint(path)
     m_attrs, cols = read_metrics(out / "metrics.h5")
-    rows = {k: v for k, v in sorted(cols.items()) if k not in UNCOMPARED}
     return {
         "step": int(step),
         "params": digest(arrays["params"]),
-        "metrics": digest(np.concatenate([np.asarray(v, dtype=np.float64)
-                                          for v in rows.values()])),
+        "metrics": digest(np.concatenate([np.asarray(cols[k], dtype=np.float64)
+                                          for k in COMPARED])),
         "train_loss": float(cols["train_loss"][-1]),
         "grad_evals": float(attrs["grad_evals"]),
         "forward_evals": int(attrs.get("forward_evals", 0)),
@@ -92,7 +99,7 @@ def train_one(name: str, ranks: int, workdir: Path, train) -> dict:
     cwd=...)`` (the CLI runner of the e2e suite) and summarise it."""
     shutil.copy(DATA, workdir / "data.h5")
     out = workdir / f"{name}-{ranks}"
-    sets = [*BASE, "data.path=data.h5", *MATRIX[name]]
+    sets = [*BASE, "data.path=data.h5", *config(name)]
     args = [a for s in sets for a in ("--set", s)]
     result = train(*args, "--out", out, n=ranks, cwd=workdir)
     if result.rc != 0:
@@ -139,7 +146,7 @@ def record_legacy() -> None:
         shutil.copy(DATA, tmp / "data.h5")
         for name in LEGACY:
             out = tmp / name
-            sets = [*BASE, "data.path=data.h5", *MATRIX[name], f"checkpoint.every={STEPS // 2}"]
+            sets = [*BASE, "data.path=data.h5", *config(name), f"checkpoint.every={STEPS // 2}"]
             result = train(*[a for s in sets for a in ("--set", s)], "--out", out, n=2,
                            cwd=tmp)
             if result.rc != 0:

@@ -1,0 +1,147 @@
+"""The distributed objective: F on the step's global batch, the union of every rank's part.
+
+Every rank evaluates the model on its own part of the batch; collectives combine the parts.
+Optimizers receive an :class:`Objective` instead of the model, the communicator and the
+data: it gives the loss and the averaged gradient (one Allreduce), this rank's gradient
+before the reduction (the workers' probes need it), gradients at other points and on
+sub-batches, forward-only values (line searches) and Gauss-Newton-vector products, and it
+counts and times every evaluation it makes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from hessmpi.backend import synchronize
+from hessmpi.errors import NonFiniteLoss
+
+
+class Objective:
+    """F(theta) = mean loss over the global batch + the model's regularisation.
+
+    model: a model (protocol in :mod:`hessmpi.models`); comm: the Communicator.
+    x, y, sampler: this rank's training shard (arrays of the model's module) and its
+    minibatch sampler, for :meth:`next_batch` (omit them and call :meth:`use_batch`).
+    full_batch: every rank's batch is its whole shard (then F is the training objective).
+
+    ``grad`` (n,): after :meth:`local_gradient`, this rank's gradient; after
+    :meth:`reduce_gradient`, the average over the ranks. Counters, per rank and cumulative:
+    ``grad_evals`` (an evaluation on r of the batch's B rows counts r / B), ``forward_evals``,
+    ``curvature_evals``; ``seconds``: wall time inside model evaluations. ``stop_flag``:
+    this rank's value sent with the next gradient Allreduce; ``stop_requested``: whether any
+    rank's was non-zero.
+    """
+
+    def __init__(self, model, comm, x=None, y=None, sampler=None, *, full_batch: bool = False):
+        self.model, self.comm, self.xp = model, comm, model.xp
+        self._shard_x, self._shard_y, self._sampler = x, y, sampler
+        self.full_batch = full_batch
+        n = model.n_params
+        # one Allreduce carries the gradient (n), the loss and the stop flag
+        self._buf = self.xp.zeros(n + 2, dtype=model.dtype)
+        self.grad = self._buf[:n]
+        self._scalar = np.zeros(1)
+        self.x = self.y = None
+        self.grad_evals = 0.0
+        self.forward_evals = 0
+        self.curvature_evals = 0
+        self.seconds = 0.0
+        self.stop_flag = 0
+        self.stop_requested = False
+
+    # ----- the step's batch ---------------------------------------------------------------
+    def next_batch(self) -> None:
+        """Make this rank's next minibatch from its sampler the batch of the step."""
+        idx = self.xp.asarray(self._sampler.next())
+        self.x, self.y = self._shard_x[idx], self._shard_y[idx]
+
+    def use_batch(self, x, y) -> None:
+        """Make (x (B, d), y (B,)) this rank's part of the step's batch."""
+        self.x, self.y = x, y
+
+    @property
+    def batch_rows(self) -> int:
+        """B: rows of this rank's part of the batch."""
+        return len(self.y)
+
+    # ----- evaluations ---------------------------------------------------------------------
+    def _timed(self, fn, *args):
+        synchronize(self.xp)
+        started = time.perf_counter()
+        result = fn(*args)
+        synchronize(self.xp)
+        self.seconds += time.perf_counter() - started
+        return result
+
+    def local_gradient(self, theta, out=None, rows: slice | None = None) -> float:
+        """This rank's loss on its batch (or on ``rows`` of it) at ``theta``, its gradient
+        written into ``out`` (default ``grad``); no collective."""
+        x, y = (self.x, self.y) if rows is None else (self.x[rows], self.y[rows])
+        self.grad_evals += len(y) / self.batch_rows
+        return float(self._timed(self.model.loss_grad, theta, x, y,
+                                 self.grad if out is None else out))
+
+    def reduce_gradient(self, local_loss: float) -> float:
+        """Average ``grad`` and the loss over the ranks (one Allreduce, which also carries
+        the stop flag); returns the global loss. NonFiniteLoss on every rank if it is NaN or
+        infinite."""
+        n = self.model.n_params
+        self._buf[n] = local_loss
+        self._buf[n + 1] = self.stop_flag
+        self.comm.allreduce_sum_(self._buf)
+        self.stop_requested = bool(self._buf[n + 1] != 0)
+        self._buf /= self.comm.size
+        loss = float(self._buf[n])
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(loss)
+        return loss
+
+    def gradient(self, theta) -> float:
+        """The global loss at ``theta``; ``grad`` becomes the averaged gradient."""
+        return self.reduce_gradient(self.local_gradient(theta))
+
+    def mean_gradient_at(self, point, out) -> None:
+        """``out`` (n,) <- the averaged gradient at ``point`` on the step's batch (one
+        Allreduce of n)."""
+        self.local_gradient(point, out)
+        self.comm.allreduce_sum_(out)
+        out /= self.comm.size
+
+    def value(self, point) -> float:
+        """F on the step's global batch at ``point``: one forward pass per rank and one
+        Allreduce of a scalar (a NaN on any rank makes it NaN everywhere)."""
+        self.forward_evals += 1
+        self._scalar[0] = float(self._timed(self.model.loss, point, self.x, self.y))
+        self.comm.allreduce_sum_(self._scalar)
+        return self._scalar[0] / self.comm.size
+
+    def curvature_product(self, theta, v, out) -> None:
+        """``out`` (n,) <- G v, the Gauss-Newton matrix of F on the step's global batch at
+        ``theta`` times ``v`` (one R-operator pass per rank, one Allreduce of n)."""
+        self.curvature_evals += 1
+        self._timed(self.model.curvature_product, theta, v, self.x, self.y, out)
+        self.comm.allreduce_sum_(out)
+        out /= self.comm.size
+
+    def evaluate(self, theta, x, y) -> tuple[float, float]:
+        """(mean loss, accuracy) over every rank's rows (x, y), e.g. the test split; a
+        collective. Not counted as training work."""
+        loss_sum, correct = self.model.evaluate(theta, x, y)
+        totals = np.array([loss_sum, correct, len(y)], dtype=np.float64)
+        self.comm.allreduce_sum_(totals)
+        return totals[0] / totals[2], totals[1] / totals[2]
+
+    # ----- counters --------------------------------------------------------------------------
+    def counters(self) -> dict[str, float]:
+        """The cumulative evaluation counts, as stored in checkpoints and metrics."""
+        return {"grad_evals": self.grad_evals, "forward_evals": self.forward_evals,
+                "curvature_evals": self.curvature_evals}
+
+    def restore_counters(self, counts: dict) -> None:
+        """Continue the counts of a checkpoint (missing ones from older files: 0)."""
+        self.grad_evals = float(counts.get("grad_evals", 0.0))
+        self.forward_evals = int(counts.get("forward_evals", 0))
+        self.curvature_evals = int(counts.get("curvature_evals", 0))

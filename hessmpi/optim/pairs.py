@@ -1,0 +1,211 @@
+"""Where the secant pairs come from (``optim.pairs``, ALGORITHM.md s.1): the pair sources
+of the quasi-Newton methods.
+
+A source writes pairs (s, y) into the ring of a :class:`~hessmpi.optim.memory.PairMemory`
+in three moments of a step: ``before_reduce`` (this rank's gradient of the step is still
+its own, in ``objective.grad``), ``after_reduce`` (the averaged gradient is known: finish,
+exchange and commit the pairs; returns the slot filled, or None) and ``after_step`` (theta
+has moved). ``cost()`` is the gradient evaluations per rank a step that forms pairs adds to
+the step's own gradient; the objective counts what is really evaluated. ``contributors``
+and ``k``: the ranks that write rows into one slot and the pairs each writes;
+``independent_of_ranks``: the pairs are the same on any rank count (a resume on another
+keeps them); ``pending``: a measured pair waits in the next slot (kept in checkpoints).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from hessmpi.optim.memory import PairMemory, damp_
+
+
+class ProbePairs:
+    """``pairs = "probe"``: each rank moves to theta + s_r and measures the gradient there on
+    its SAME batch, y_r = g_r(theta + s_r) - g_r; s_r = -eta_p g_r (``probe = "sgd"``; with
+    k > 1 pairs, the gradients of k sub-batches) or a random direction of length
+    probe_sigma * max(||theta||, 1). The probe may read only the first ``probe_batch`` of
+    the batch (then its base gradient there too). Every ``probe_every`` steps; the slot is
+    shared by the exchange (contributors: the ranks)."""
+
+    independent_of_ranks = False
+    pending = False
+
+    def __init__(self, opts, *, n: int, comm, seed: int, xp, dtype, exchange):
+        self.o, self.seed, self.xp, self.exchange = opts, seed, xp, exchange
+        self.rank = comm.rank
+        self.contributors, self.k = comm.size, opts.pairs_per_rank
+        self.forming = False
+        self._work = xp.zeros(n, dtype=dtype)
+        self._noise = np.empty(n) if opts.probe == "random" else None
+        self._base = xp.zeros(n, dtype=dtype) if opts.probe_batch < 1 else None
+
+    def cost(self) -> float:
+        f, k = self.o.probe_batch, self.k
+        cost = k * f + (f if f < 1 else 0.0)
+        return cost + (1.0 if self.o.probe == "sgd" and k > 1 else 0.0)
+
+    def before_reduce(self, step: int, theta, objective, lr: float,
+                      memory: PairMemory) -> None:
+        o, xp = self.o, self.xp
+        self.forming = step % o.probe_every == 0
+        if not self.forming:
+            return
+        s_rows, y_rows = memory.own_rows(memory.next_slot)
+        if o.probe == "sgd":
+            eta_p = o.probe_lr or lr
+            if self.k == 1:
+                xp.multiply(objective.grad, -eta_p, out=s_rows[0])
+            else:
+                bounds = np.linspace(0, objective.batch_rows, self.k + 1).astype(int)
+                for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+                    objective.local_gradient(theta, s_rows[j], rows=slice(a, b))
+                    s_rows[j] *= -eta_p
+        else:
+            scale = o.probe_sigma * max(float(xp.linalg.norm(theta)), 1.0)
+            rng = np.random.default_rng([self.seed, self.rank, step])
+            xi = self._noise
+            for j in range(self.k):
+                rng.standard_normal(out=xi)
+                xi *= scale / np.linalg.norm(xi)
+                s_rows[j][...] = xp.asarray(xi)
+        base, rows = objective.grad, None
+        if self._base is not None:   # probe on the first rows of the batch only
+            rows = slice(0, max(1, math.ceil(round(o.probe_batch * objective.batch_rows, 9))))
+            base = self._base
+            objective.local_gradient(theta, base, rows=rows)
+        for j in range(self.k):
+            xp.add(theta, s_rows[j], out=self._work)
+            objective.local_gradient(self._work, y_rows[j], rows=rows)
+            y_rows[j] -= base
+
+    def after_reduce(self, theta, grad, memory: PairMemory, damping: float, last_step
+                     ) -> int | None:
+        if not self.forming:
+            return None
+        if damping:
+            damp_(self.xp, *memory.own_rows(memory.next_slot), damping, self._work)
+        self.exchange.share(memory.slot(memory.next_slot))
+        return memory.commit()
+
+    def after_step(self, theta, objective, memory, last_step) -> None:
+        pass
+
+
+class DriftPairs:
+    """``pairs = "local"``: each rank takes local_steps - 1 SGD steps from theta on its own
+    next minibatches; at the synchronisation theta becomes the average of the drifted points
+    theta_r, the averaged gradient is that of the g_r(theta_r), and the pairs are
+    s_r = theta_r - theta_avg, y_r = g_r(theta_r) - g_avg. Every step; no extra gradient
+    beyond the drift's own, but y carries minibatch noise."""
+
+    independent_of_ranks = False
+    pending = False
+
+    def __init__(self, opts, *, n: int, comm, xp, dtype, exchange):
+        self.o, self.comm, self.xp, self.exchange = opts, comm, xp, exchange
+        self.contributors, self.k = comm.size, 1
+        self.forming = True
+        self._work = xp.zeros(n, dtype=dtype)
+
+    def cost(self) -> float:
+        return self.o.local_steps - 1.0
+
+    def before_reduce(self, step: int, theta, objective, lr: float,
+                      memory: PairMemory) -> None:
+        s_rows, y_rows = memory.own_rows(memory.next_slot)
+        point, grad = s_rows[0], objective.grad
+        point[...] = theta
+        for _ in range(self.o.local_steps - 1):
+            self.xp.multiply(grad, lr, out=self._work)
+            point -= self._work
+            objective.next_batch()
+            objective.local_gradient(point)
+        y_rows[0] = grad
+
+    def after_reduce(self, theta, grad, memory: PairMemory, damping: float, last_step
+                     ) -> int:
+        s_rows, y_rows = memory.own_rows(memory.next_slot)
+        average = self._work
+        self.xp.copyto(average, s_rows[0])
+        self.comm.allreduce_sum_(average)
+        average /= self.comm.size
+        s_rows[0] -= average
+        y_rows[0] -= grad
+        theta[...] = average
+        if damping:
+            damp_(self.xp, s_rows, y_rows, damping, self._work)
+        self.exchange.share(memory.slot(memory.next_slot))
+        return memory.commit()
+
+    def after_step(self, theta, objective, memory, last_step) -> None:
+        pass
+
+
+class HistoryPairs:
+    """``pairs = "history"``: one global pair per slot (contributors 1), the step taken,
+    s = theta_{t+1} - theta_t, and the change of the averaged gradient on the same global
+    batch, y = g_B(theta_{t+1}) - g_B(theta_t) (the pairs of multi-batch L-BFGS, Berahas
+    et al. 2016); independent of the rank count. At full batch y is the difference of
+    consecutive steps' averaged gradients and costs nothing; otherwise one extra gradient on
+    the step's batch at the new point and one Allreduce of n, measured after the step
+    (``pending``) and committed at the next one. Pairs of every ``probe_every``-th step."""
+
+    independent_of_ranks = True
+
+    def __init__(self, opts, *, n: int, full_batch: bool, xp, dtype):
+        self.o, self.full_batch, self.xp = opts, full_batch, xp
+        self.contributors, self.k = 1, 1
+        self.forming = False
+        self.pending = False     # the next slot holds a measured pair not yet committed
+        self._steps = 0
+        self._work = xp.zeros(n, dtype=dtype) if opts.damping else None
+
+    def cost(self) -> float:
+        return 0.0 if self.full_batch else 1.0
+
+    def before_reduce(self, step: int, theta, objective, lr: float,
+                      memory: PairMemory) -> None:
+        self._steps = step
+        self.forming = step % self.o.probe_every == 0
+
+    def after_reduce(self, theta, grad, memory: PairMemory, damping: float, last_step
+                     ) -> int | None:
+        """Commit the pair of the last step before W[0] becomes ``grad``: at full batch
+        formed here, y = grad - (the last step's averaged gradient, still in W[0]),
+        s = ``last_step``; below it, the pair measured at the end of the last step."""
+        step = self._steps
+        s_rows, y_rows = memory.own_rows(memory.next_slot)
+        if self.full_batch:
+            if step == 0 or (step - 1) % self.o.probe_every:
+                return None
+            self.xp.negative(last_step, out=s_rows[0])
+            self.xp.subtract(grad, memory.W[0], out=y_rows[0])
+        elif not self.pending:
+            return None
+        if damping:
+            damp_(self.xp, s_rows, y_rows, damping, self._work)
+        self.pending = False
+        return memory.commit()
+
+    def after_step(self, theta, objective, memory: PairMemory, last_step) -> None:
+        """Below full batch, on a pair step: measure the pair of the step just taken."""
+        if self.full_batch or not self.forming:
+            return
+        s_rows, y_rows = memory.own_rows(memory.next_slot)
+        objective.mean_gradient_at(theta, y_rows[0])
+        y_rows[0] -= objective.grad
+        self.xp.negative(last_step, out=s_rows[0])
+        self.pending = True
+
+
+def build_pair_source(opts, *, n: int, comm, seed: int, full_batch: bool, xp, dtype,
+                      exchange):
+    """The pair source of ``opts.pairs``."""
+    if opts.pairs == "probe":
+        return ProbePairs(opts, n=n, comm=comm, seed=seed, xp=xp, dtype=dtype,
+                          exchange=exchange)
+    if opts.pairs == "local":
+        return DriftPairs(opts, n=n, comm=comm, xp=xp, dtype=dtype, exchange=exchange)
+    return HistoryPairs(opts, n=n, full_batch=full_batch, xp=xp, dtype=dtype)
