@@ -48,34 +48,33 @@ def _count(value) -> int | float:
     return int(value) if value.is_integer() else round(value, 2)
 
 
-def method_label(ocfg: dict) -> str:
+def method_label(cfg: dict) -> str:
     """The optimizer and its key options, e.g. ``secant lr=0.05 mom=0.9 K=1 bfgs probe-sgd
     a=0.2`` (K memory, curvature rule, pair source; k pairs per rank, T probe interval, pb
-    probe batch fraction, ls line search where not the default; a the secant step length)."""
-    label = f"{ocfg['name']} lr={ocfg['lr']:g} mom={ocfg['momentum']:g}"
-    if ocfg.get("nesterov"):
-        label += " nesterov"
-    if ocfg.get("weight_decay"):
-        label += f" wd={ocfg['weight_decay']:g}"
-    if ocfg.get("schedule", "constant") != "constant":
-        label += f" {ocfg['schedule']}"
-    if ocfg["name"] in ("secant", "deflated"):
-        pairs = ocfg.get("pairs", "probe")
-        parts = []
-        if ocfg["name"] == "secant":
-            parts += [f"K={ocfg.get('memory', 1)}", ocfg.get("curvature", "bfgs")]
-        parts.append(f"probe-{ocfg.get('probe', 'sgd')}" if pairs == "probe" else pairs)
-        if ocfg.get("pairs_per_rank", 1) != 1:
-            parts.append(f"k={ocfg['pairs_per_rank']}")
-        if ocfg.get("probe_every", 1) != 1:
-            parts.append(f"T={ocfg['probe_every']}")
-        if ocfg.get("probe_batch", 1.0) != 1.0:
-            parts.append(f"pb={ocfg['probe_batch']:g}")
-        if ocfg.get("line_search", "none") != "none":
-            parts.append(f"ls={ocfg['line_search']}")
-        parts.append(f"a={ocfg.get('newton_lr', 0):g}")
-        label += " " + " ".join(parts)
-    return label
+    probe batch fraction, ls line search where not the default; a the secant step length),
+    read from the configuration's typed options."""
+    o = config_mod.options(cfg, "optim")
+    label = f"{o.name} lr={o.lr:g} mom={o.momentum:g}"
+    if o.name == "sgd":
+        label += " nesterov" * o.nesterov + (f" wd={o.weight_decay:g}" if o.weight_decay
+                                             else "")
+    if o.schedule != "constant":
+        label += f" {o.schedule}"
+    parts = []
+    if o.name == "secant":
+        parts += [f"K={o.memory}", o.curvature,
+                  f"probe-{o.probe}" if o.pairs == "probe" else o.pairs]
+    if config_mod.applies(cfg, "optim", "pairs_per_rank") and o.pairs_per_rank != 1:
+        parts.append(f"k={o.pairs_per_rank}")
+    if config_mod.applies(cfg, "optim", "probe_every") and o.probe_every != 1:
+        parts.append(f"T={o.probe_every}")
+    if config_mod.applies(cfg, "optim", "probe_batch") and o.probe_batch != 1.0:
+        parts.append(f"pb={o.probe_batch:g}")
+    if config_mod.applies(cfg, "optim", "line_search") and o.line_search != "none":
+        parts.append(f"ls={o.line_search}")
+    if o.name != "sgd":
+        parts.append(f"a={o.newton_lr:g}")
+    return " ".join([label, *parts])
 
 
 def load_run(run: Path) -> tuple[dict, dict, dict[str, np.ndarray]]:
@@ -139,7 +138,7 @@ def _row(run: Path, attrs: dict, cfg: dict, cols: dict, *, target_loss: float | 
     loss = cols["train_loss"]
     finite_loss = loss[np.isfinite(loss)]
     row = {
-        "run": str(run), "method": method_label(cfg["optim"]),
+        "run": str(run), "method": method_label(cfg),
         "ranks": int(attrs.get("mpi_size", 0)), "batch": cfg["train"]["batch_size"] or "full",
         "backend": attrs.get("backend", "?"), "status": attrs.get("status", "?"),
         "steps": steps,
@@ -229,7 +228,7 @@ def plot(runs: list, path: Path, *, target_loss: float | None = None,
     for i, (run, attrs, cfg, cols) in enumerate(loaded):
         status = attrs.get("status", "?")
         ranks = attrs.get("mpi_size", "?")
-        label = (f"{run.name or run}: {method_label(cfg['optim'])}, {ranks} "
+        label = (f"{run.name or run}: {method_label(cfg)}, {ranks} "
                  f"rank{'' if ranks == 1 else 's'}")
         if status != "finished":
             label += f" ({status})"

@@ -1,12 +1,14 @@
-"""Models on a flat parameter vector: loss, gradient and curvature product for a batch."""
+"""Models on a flat parameter vector: loss, gradient and curvature product for a batch
+(the protocol: :class:`~hessmpi.models.protocol.Model`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from hessmpi.models.dense import DenseNet
+from hessmpi.models.protocol import CurvatureModel, Model
 
-__all__ = ["DenseNet", "build_model"]
+__all__ = ["CurvatureModel", "DenseNet", "Model", "build_model"]
 
 
 def build_model(model_cfg: dict, n_features: int, n_classes: int, *, xp: Any, dtype: Any):

@@ -130,11 +130,12 @@ def test_load_toml_file(tmp_path):
     ("  optim.momentum = 0.25  ", "optim", "momentum", 0.25),
 ])
 def test_set_overrides_parse_toml_literals(item, section, key, expected):
-    cfg = config.load(None, [item])
+    cfg = config.load(None, ["model.name=mlp", item])   # the mlp: model.hidden applies
     assert cfg[section][key] == expected
     assert type(cfg[section][key]) is type(expected)
     # nothing else changed
     rest = config.defaults()
+    rest["model"]["name"] = "mlp"
     rest[section][key] = expected
     assert cfg == rest
 

@@ -182,7 +182,7 @@ def test_metrics_with_missing_column(tmp_path):
       "optim.line_search=armijo"),
      "secant lr=0.1 mom=0.9 K=1 bfgs probe-sgd k=2 T=4 ls=armijo a=0.2"),
     (("optim.name=deflated", "optim.pairs_per_rank=3"),
-     "deflated lr=0.1 mom=0.9 probe-sgd k=3 a=0.2"),
+     "deflated lr=0.1 mom=0.9 k=3 a=0.2"),
 ])
 def test_method_names_the_key_options(tmp_path, overrides, label):
     assert summarize(make_run(tmp_path, "m", COLS, overrides=overrides))["method"] == label

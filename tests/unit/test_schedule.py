@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from hessmpi.optim.schedule import learning_rate
+from hessmpi.optim.schedule import Schedule
 
 BASE = dict(lr=0.4, schedule="constant", warmup_steps=0, decay_every=10, decay_factor=0.5,
             min_lr=0.0, total_steps=100)
@@ -14,7 +14,8 @@ BASE = dict(lr=0.4, schedule="constant", warmup_steps=0, decay_every=10, decay_f
 
 def lrs(**kw):
     args = {**BASE, **kw}
-    return [learning_rate(s, **args) for s in range(args["total_steps"])]
+    schedule = Schedule(**args)
+    return [schedule(s) for s in range(args["total_steps"])]
 
 
 def test_constant():
@@ -66,11 +67,22 @@ def test_cosine(warmup, total, min_lr):
     if span % 2 == 0:
         assert got[warmup + span // 2] == pytest.approx((0.4 + min_lr) / 2, rel=1e-12)
     # steps beyond the planned total stay at min_lr
-    assert learning_rate(total + 5, **{**BASE, "schedule": "cosine", "warmup_steps": warmup,
-                                       "min_lr": min_lr, "total_steps": total}) == \
+    assert Schedule(**{**BASE, "schedule": "cosine", "warmup_steps": warmup,
+                       "min_lr": min_lr, "total_steps": total})(total + 5) == \
         pytest.approx(min_lr, abs=1e-15)
 
 
 def test_unknown_schedule():
     with pytest.raises(ValueError, match="linear"):
-        learning_rate(0, **{**BASE, "schedule": "linear"})
+        Schedule(**{**BASE, "schedule": "linear"})
+
+
+def test_from_config_reads_the_optim_keys_and_the_steps():
+    from hessmpi import config
+
+    cfg = config.load(None, ["optim.lr=0.3", "optim.schedule=step", "optim.decay_every=7",
+                             "optim.decay_factor=0.5", "optim.warmup_steps=2",
+                             "train.steps=40"])
+    assert Schedule.from_config(cfg) == Schedule(lr=0.3, schedule="step", warmup_steps=2,
+                                                 decay_every=7, decay_factor=0.5, min_lr=0.0,
+                                                 total_steps=40)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hessmpi.optim import SGD, StepInfo
+from hessmpi.optim import SGD
 
 
 def reference_trajectory(theta0, grads, lrs, momentum, weight_decay, nesterov):
@@ -37,8 +37,7 @@ def test_step_matches_reference_recursion(momentum, weight_decay, nesterov):
     for k in range(steps):
         before = theta.copy()
         grad = grads[k].copy()
-        info = opt.step(theta, grad, lrs[k])
-        assert isinstance(info, StepInfo) and info.fallback == 0
+        opt.update(theta, grad, lrs[k])
         np.testing.assert_array_equal(grad, grads[k])  # grad not modified
         np.testing.assert_allclose(theta, expected[k], rtol=1e-13, atol=1e-15)
         assert opt.last_step_norm == pytest.approx(np.linalg.norm(theta - before), rel=1e-12)
@@ -48,9 +47,9 @@ def test_first_step_and_velocity_state():
     theta = np.array([1.0, -2.0])
     opt = SGD(theta, momentum=0.5, weight_decay=0.0, nesterov=False)
     assert not opt.state()["velocity"].any()
-    opt.step(theta, np.array([1.0, 1.0]), 0.1)  # v = g; theta -= 0.1 * g
+    opt.update(theta, np.array([1.0, 1.0]), 0.1)  # v = g; theta -= 0.1 * g
     np.testing.assert_allclose(theta, [0.9, -2.1], rtol=1e-15)
-    opt.step(theta, np.array([0.0, 2.0]), 0.1)  # v = [0.5, 2.5]
+    opt.update(theta, np.array([0.0, 2.0]), 0.1)  # v = [0.5, 2.5]
     np.testing.assert_allclose(opt.state()["velocity"], [0.5, 2.5], rtol=1e-15)
     np.testing.assert_allclose(theta, [0.85, -2.35], rtol=1e-15)
     assert opt.last_step_norm == pytest.approx(0.1 * np.hypot(0.5, 2.5), rel=1e-14)
@@ -59,7 +58,7 @@ def test_first_step_and_velocity_state():
 def test_nesterov_first_step():
     theta = np.array([1.0])
     opt = SGD(theta, momentum=0.9, weight_decay=0.0, nesterov=True)
-    opt.step(theta, np.array([2.0]), 0.1)  # v = 2; d = 2 + 0.9*2 = 3.8
+    opt.update(theta, np.array([2.0]), 0.1)  # v = 2; d = 2 + 0.9*2 = 3.8
     assert theta[0] == pytest.approx(1.0 - 0.38, rel=1e-15)
     assert opt.last_step_norm == pytest.approx(0.38, rel=1e-14)
 
@@ -67,7 +66,7 @@ def test_nesterov_first_step():
 def test_float32_state():
     theta = np.ones(3, np.float32)
     opt = SGD(theta, momentum=0.9, weight_decay=0.1, nesterov=True)
-    opt.step(theta, np.full(3, 0.5, np.float32), 0.1)
+    opt.update(theta, np.full(3, 0.5, np.float32), 0.1)
     assert theta.dtype == np.float32 and opt.velocity.dtype == np.float32
     np.testing.assert_allclose(theta, 1 - 0.1 * (0.6 + 0.9 * 0.6), rtol=1e-6)
 
@@ -92,7 +91,7 @@ def test_converges_on_quadratic(momentum, nesterov, weight_decay):
     opt = SGD(theta, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     start = np.linalg.norm(theta - minimum)
     for _ in range(1500):
-        opt.step(theta, a @ (theta - target), 0.5 / lmax)
+        opt.update(theta, a @ (theta - target), 0.5 / lmax)
     assert np.linalg.norm(theta - minimum) < 1e-8 * start
     assert opt.last_step_norm < 1e-8
 
