@@ -126,6 +126,19 @@ class Objective:
         self.comm.allreduce_sum_(out)
         out /= self.comm.size
 
+    def full_value(self, theta, chunk: int = 4096) -> float:
+        """F over every training row of every rank (equal shards), in chunks of ``chunk``
+        rows; a collective, not counted as training work."""
+        x, y = self._shard_x, self._shard_y
+        total = 0.0
+        for start in range(0, len(y), chunk):
+            rows = len(y[start:start + chunk])
+            total += rows * float(self.model.loss(theta, x[start:start + chunk],
+                                                  y[start:start + chunk]))
+        self._scalar[0] = total / len(y)
+        self.comm.allreduce_sum_(self._scalar)
+        return float(self._scalar[0] / self.comm.size)
+
     def evaluate(self, theta, x, y) -> tuple[float, float]:
         """(mean loss, accuracy) over every rank's rows (x, y), e.g. the test split; a
         collective. Not counted as training work."""

@@ -79,32 +79,37 @@ def model_signature(cfg: dict, n_features: int, n_classes: int, n_params: int) -
                        cfg["backend"]["dtype"], "optim": o["name"]}, sort_keys=True)
 
 
-class Run:
-    """One training run on this rank: data shards, model, objective, optimizer, metrics file.
+class Training:
+    """One rank's part of a training run, in memory: data shards, model, the distributed
+    objective, the optimizer and its learning-rate schedule; it writes no file.
 
     Built by every rank with the same ``cfg``; raises UsageError on every rank alike for
-    bad input. ``resume``: (arrays, attrs) of a verified checkpoint to continue from.
-    ``run()`` trains and returns a summary dict.
+    bad input. ``shards``: (train, test) :class:`~hessmpi.data.Shard` of this rank, if
+    already read (a benchmark running many trainings reads them once). ``step(k)`` takes
+    step k; ``evaluate()`` gives the test loss and accuracy; ``objective.full_value(theta)``
+    the training objective over every training row.
     """
 
-    def __init__(self, cfg: dict, comm: Communicator, backend: Backend, out: Path, *,
-                 resume: tuple[dict, dict] | None = None):
-        self.cfg, self.comm, self.backend, self.out = cfg, comm, backend, out
+    def __init__(self, cfg: dict, comm: Communicator, backend: Backend, *,
+                 shards: tuple | None = None):
+        self.cfg, self.comm, self.backend = cfg, comm, backend
         xp, dtype = backend.xp, backend.dtype
         tcfg = cfg["train"]
-        path = cfg["data"]["path"]
-        train = comm.collectively(read_shard, path, "train", comm.rank, comm.size, equal=True)
-        test = comm.collectively(read_shard, path, "test", comm.rank, comm.size, equal=False)
+        if shards is None:
+            path = cfg["data"]["path"]
+            shards = (comm.collectively(read_shard, path, "train", comm.rank, comm.size,
+                                        equal=True),
+                      comm.collectively(read_shard, path, "test", comm.rank, comm.size,
+                                        equal=False))
+        train, test = shards
+        self.train_shard = train
         self.sampler = comm.collectively(Sampler, len(train.y),
                                          tcfg["batch_size"] or len(train.y),
                                          tcfg["seed"], comm.rank)
-        comm.collectively(prepare_output, comm, out, resume is not None)
         x_train, y_train = xp.asarray(train.x, dtype=dtype), xp.asarray(train.y)
         self.x_test, self.y_test = xp.asarray(test.x, dtype=dtype), xp.asarray(test.y)
         self.model = build_model(cfg["model"], train.x.shape[1], train.n_classes, xp=xp,
                                  dtype=dtype)
-        self.signature = model_signature(cfg, train.x.shape[1], train.n_classes,
-                                         self.model.n_params)
         theta = self.model.init_params(tcfg["seed"])
         comm.bcast_(theta)
         self.theta = xp.asarray(theta)
@@ -114,7 +119,54 @@ class Run:
         self.optimizer = build_optimizer(config_mod.options(cfg, "optim"), self.theta,
                                          self.objective, seed=tcfg["seed"])
         self.schedule = Schedule.from_config(cfg)
-        n = self.model.n_params
+
+    def step(self, step: int, interval: Interval | None = None) -> StepInfo:
+        """Optimizer step number ``step`` (0-based) on this rank's next minibatch; the step's
+        seconds, split into model evaluations, collectives and the rest, and its bytes are
+        added to ``interval``. RunFailed on every rank if the loss is not finite."""
+        comm, objective = self.comm, self.objective
+        objective.next_batch()
+        comm_before, bytes_before = comm.seconds, comm.bytes_sent
+        eval_before = objective.seconds
+        started = time.perf_counter()
+        try:
+            info = self.optimizer.step(self.theta, objective, self.schedule(step))
+        except NonFiniteLoss as e:
+            raise RunFailed(f"the training loss is {e.value} at step {step + 1} "
+                            "(the run diverged: lower optim.lr)") from None
+        self.backend.synchronize()
+        if interval is not None:
+            elapsed = time.perf_counter() - started
+            t_eval, t_comm = objective.seconds - eval_before, comm.seconds - comm_before
+            interval.steps += 1
+            interval.t_grad += t_eval
+            interval.t_comm += t_comm
+            interval.t_solve += elapsed - t_eval - t_comm
+            interval.bytes_sent += comm.bytes_sent - bytes_before
+        return info
+
+    def evaluate(self) -> tuple[float, float]:
+        """(mean test loss, test accuracy) over every rank's test rows; a collective."""
+        return self.objective.evaluate(self.theta, self.x_test, self.y_test)
+
+
+class Run(Training):
+    """One training run on this rank with its run directory: a Training plus the results
+    file, checkpoints, resume, signals and the consistency check.
+
+    ``resume``: (arrays, attrs) of a verified checkpoint to continue from. ``run()`` trains
+    and returns a summary dict.
+    """
+
+    def __init__(self, cfg: dict, comm: Communicator, backend: Backend, out: Path, *,
+                 resume: tuple[dict, dict] | None = None):
+        super().__init__(cfg, comm, backend)
+        self.out = out
+        tcfg = cfg["train"]
+        comm.collectively(prepare_output, comm, out, resume is not None)
+        train = self.train_shard
+        self.signature = model_signature(cfg, train.x.shape[1], train.n_classes,
+                                         self.model.n_params)
         self.start_step = 0
         self.wall_offset = 0.0
         self.stop_signal = 0      # set by SIGTERM/SIGUSR1 on this rank
@@ -136,10 +188,10 @@ class Run:
                 "backend": backend.name,
                 "device": backend.device,
                 "mpi_device_path": comm.device_path if backend.name == "cupy" else "host",
-                "dtype": str(dtype),
+                "dtype": str(backend.dtype),
                 "blas_threads": backend.threads,
                 "host": socket.gethostname(),
-                "n_params": n,
+                "n_params": self.model.n_params,
                 "dataset_source": train.source,
                 "started": datetime.now(UTC).isoformat(timespec="seconds"),
             }
@@ -214,29 +266,12 @@ class Run:
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
 
-    def step(self, step: int, interval: Interval) -> StepInfo:
-        """Optimizer step number ``step`` (0-based) on this rank's next minibatch; the step's
-        seconds split into model evaluations, collectives and the rest."""
-        comm, objective = self.comm, self.objective
-        objective.next_batch()
-        objective.stop_flag = self.stop_signal
-        comm_before, bytes_before = comm.seconds, comm.bytes_sent
-        eval_before = objective.seconds
-        started = time.perf_counter()
-        try:
-            info = self.optimizer.step(self.theta, objective, self.schedule(step))
-        except NonFiniteLoss as e:
-            raise RunFailed(f"the training loss is {e.value} at step {step + 1} "
-                            "(the run diverged: lower optim.lr)") from None
-        self.backend.synchronize()
-        elapsed = time.perf_counter() - started
-        self.stop_requested = objective.stop_requested
-        t_eval, t_comm = objective.seconds - eval_before, comm.seconds - comm_before
-        interval.steps += 1
-        interval.t_grad += t_eval
-        interval.t_comm += t_comm
-        interval.t_solve += elapsed - t_eval - t_comm
-        interval.bytes_sent += comm.bytes_sent - bytes_before
+    def step(self, step: int, interval: Interval | None = None) -> StepInfo:
+        """Training's step, with this rank's stop signal sent along its gradient's
+        Allreduce; ``stop_requested`` afterwards on every rank if any rank had one."""
+        self.objective.stop_flag = self.stop_signal
+        info = super().step(step, interval)
+        self.stop_requested = self.objective.stop_requested
         return info
 
     def optimizer_counters(self) -> dict:
@@ -309,8 +344,7 @@ class Run:
             if done % tcfg["log_every"] == 0 or last:
                 evaluated = last or (tcfg["eval_every"] and done % tcfg["eval_every"] == 0)
                 if evaluated:
-                    test_loss, test_acc = self.objective.evaluate(self.theta, self.x_test,
-                                                                  self.y_test)
+                    test_loss, test_acc = self.evaluate()
                 row = {
                     "step": done, "epoch": self.sampler.epochs_done,
                     "wall_time": time.perf_counter() - started, "train_loss": info.loss,
