@@ -252,6 +252,29 @@ def _merge(cfg: dict, section: str, key: str, value: Any, where: str) -> None:
     cfg[section][key] = _coerce(f"{section}.{key}", SCHEMA[section][key], value)
 
 
+def _merge_tables(cfg: dict, doc: dict, where: str) -> set[tuple[str, str]]:
+    """Merge ``{section: {key: value}}`` into ``cfg``; returns the keys given."""
+    given = set()
+    for section, table in doc.items():
+        if not isinstance(table, dict):
+            raise UsageError(f"{where}: top-level key {section!r} must be a [section]; "
+                             f"known sections: {', '.join(SCHEMA)}")
+        for key, value in table.items():
+            _merge(cfg, section, key, value, where)
+            given.add((section, key))
+    return given
+
+
+def from_dict(doc: dict, base: dict | None = None) -> dict[str, dict[str, Any]]:
+    """``base`` (default: the defaults) updated by ``{section: {key: value}}``, validated as
+    a file would be: the configuration of a script that builds its runs in Python."""
+    cfg = copy.deepcopy(base) if base is not None else defaults()
+    given = _merge_tables(cfg, doc, "configuration")
+    _check_combinations(cfg)
+    _check_applicable(cfg, given)
+    return cfg
+
+
 def load(path: str | Path | None, overrides: list[str] = (),
          base: dict | None = None) -> dict[str, dict[str, Any]]:
     """``base`` (default: the defaults), then the TOML file at ``path`` (if any), then
@@ -272,13 +295,7 @@ def load(path: str | Path | None, overrides: list[str] = (),
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"config file {path} is not valid TOML: {e}") from None
-        for section, table in doc.items():
-            if not isinstance(table, dict):
-                raise UsageError(f"{path}: top-level key {section!r} must be a [section]; "
-                                 f"known sections: {', '.join(SCHEMA)}")
-            for key, value in table.items():
-                _merge(cfg, section, key, value, str(path))
-                given.add((section, key))
+        given |= _merge_tables(cfg, doc, str(path))
     for item in overrides:
         name, sep, text = item.partition("=")
         section, dot, key = name.strip().partition(".")
