@@ -28,8 +28,9 @@ class Option:
     choices: allowed values of a "str" option.
     low: smallest allowed value of a number (inclusive unless ``low_open``).
     applies: where the key means something, by the value of its section's ``name`` key
-    (model.name, optim.name): {name: {other key: allowed values}} (every condition must
-    hold; ``"*"``: any name); None: everywhere. A key set to a non-default value where it
+    (model.name, optim.name): {name: alternatives}, each alternative {other key: allowed
+    values} (every condition of one alternative must hold; ``"*"``: any name); None:
+    everywhere. A key set to a non-default value where it
     does not apply is refused.
     fixed: a resumed run must keep it (it fixes the model, the data or the shape of the
     optimizer state).
@@ -42,13 +43,22 @@ class Option:
     low: float | None = None
     low_open: bool = False
     high: float | None = None
-    applies: dict[str, dict[str, tuple]] | None = None
+    applies: dict[str, tuple[dict[str, tuple], ...]] | None = None
     fixed: bool = False
 
 
-def _on(*names: str, **conditions: tuple) -> dict[str, dict[str, tuple]]:
+def _on(*names: str, **conditions: tuple) -> dict[str, tuple[dict[str, tuple], ...]]:
     """``applies`` for the section names ``names``, each under ``conditions``."""
-    return {name: conditions for name in names}
+    return {name: (conditions,) for name in names}
+
+
+def _either(*rules: dict) -> dict[str, tuple[dict[str, tuple], ...]]:
+    """``applies`` where any of ``rules`` does."""
+    out: dict[str, tuple] = {}
+    for rule in rules:
+        for name, alternatives in rule.items():
+            out[name] = out.get(name, ()) + alternatives
+    return out
 
 
 SGD, SECANT, DEFLATED = "sgd", "secant", "deflated"
@@ -99,21 +109,26 @@ SCHEMA: dict[str, dict[str, Option]] = {
         # --- the secant method (ALGORITHM.md sections 1-2) ---
         "pairs": Option("probe", "str", "source of the secant pairs: the workers' probes, "
                         "their local drifts, or the steps taken (history)",
-                        choices=("probe", "local", "history"), applies=_on(SECANT),
+                        choices=("probe", "shared_probe", "local", "history"),
+                        applies=_on(SECANT),
                         fixed=True),
         "probe": Option("sgd", "str", "probe direction of pairs = probe",
                         choices=("sgd", "random"), applies=_on(SECANT, pairs=("probe",)),
                         fixed=True),
         "probe_lr": Option(0.0, "float", "eta_probe of the sgd probe (0: the step's lr)",
-                           low=0.0, applies=_on(SECANT, pairs=("probe",), probe=("sgd",))),
+                           low=0.0, applies=_either(
+                               _on(SECANT, pairs=("probe",), probe=("sgd",)),
+                               _on(SECANT, pairs=("shared_probe",)))),
         "probe_sigma": Option(1e-3, "float", "length of the random probe (deflated: of the "
                               "finite difference) relative to max(||theta||, 1)",
                               low=0.0, low_open=True,
-                              applies=_on(SECANT, pairs=("probe",), probe=("random",))
-                              | _on(DEFLATED)),
+                              applies=_either(_on(SECANT, pairs=("probe",), probe=("random",)),
+                                              _on(DEFLATED))),
         "probe_every": Option(1, "int", "T: form new pairs every T steps (cost 1 + cost of "
                               "the probe / T gradients per step)", low=1,
-                              applies=_on(SECANT, pairs=("probe", "history")) | _on(DEFLATED)),
+                              applies=_either(
+                                  _on(SECANT, pairs=("probe", "shared_probe", "history")),
+                                  _on(DEFLATED))),
         "probe_batch": Option(1.0, "float", "fraction of each minibatch the probe uses (< 1: "
                               "also its base gradient there, cost 2 * fraction)",
                               low=0.0, low_open=True, high=1.0,
@@ -121,14 +136,19 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "local_steps": Option(4, "int", "SGD gradient evaluations per synchronisation of "
                               "pairs = local", low=2, applies=_on(SECANT, pairs=("local",))),
         "pairs_per_rank": Option(1, "int", "k: pairs each rank adds per step", low=1,
-                                 applies=_on(SECANT, pairs=("probe",)) | _on(DEFLATED),
+                                 applies=_either(_on(SECANT, pairs=("probe",)), _on(DEFLATED)),
                                  fixed=True),
         "memory": Option(1, "int", "K: steps of pairs kept (ring buffer)", low=1,
                          applies=_on(SECANT), fixed=True),
         "damping": Option(0.1, "float", "lam: Y <- Y + lam*S", low=0.0, applies=_on(SECANT)),
-        "curvature": Option("bfgs", "str", "step rule", choices=("bfgs", "lsq", "subspace"),
-                            applies=_on(SECANT)),
-        "curvature_tol": Option(1e-6, "float", "tau of the curvature filter", low=0.0,
+        "curvature": Option("bfgs", "str", "step rule: the block rules bfgs, lsq, subspace "
+                            "(all kept pairs at once), or lbfgs (the two-loop recursion, one "
+                            "pair at a time: positive definite)",
+                            choices=("bfgs", "lsq", "subspace", "lbfgs"), applies=_on(SECANT)),
+        "powell": Option(False, "bool", "lbfgs: Powell-damp pairs of little curvature "
+                         "instead of skipping them", applies=_on(SECANT, curvature=("lbfgs",))),
+        "curvature_tol": Option(1e-6, "float", "tau of the curvature filter (lbfgs: a pair "
+                                "is kept if s^T y > tau ||s|| ||y||)", low=0.0,
                                 applies=_on(SECANT)),
         "lsq_mu": Option(1e-12, "float", "mu of the lsq rule, relative to tr(Y^T Y)/m",
                          low=0.0, applies=_on(SECANT, curvature=("lsq",))),
@@ -138,14 +158,19 @@ SCHEMA: dict[str, dict[str, Option]] = {
                             low=0.0, low_open=True, applies=_on(*QUASI_NEWTON)),
         "max_step_ratio": Option(10.0, "float", "clip ||d|| <= ratio * ||lr * g_bar||",
                                  low=0.0, low_open=True, applies=_on(SECANT)),
-        "line_search": Option("none", "str", "backtracking (Armijo) on the global minibatch "
-                              "objective, starting at newton_lr (ALGORITHM.md s.8)",
-                              choices=("none", "armijo"),
-                              applies=_on(SECANT, pairs=("probe", "history"))),
-        "ls_c1": Option(1e-4, "float", "c1 of the Armijo condition", low=0.0, low_open=True,
-                        high=1.0, applies=_on(SECANT, line_search=("armijo",))),
-        "ls_max_trials": Option(5, "int", "trial steps (halving) before the SGD fallback",
-                                low=1, applies=_on(SECANT, line_search=("armijo",))),
+        "line_search": Option("none", "str", "on the global minibatch objective from "
+                              "newton_lr (ALGORITHM.md s.8): armijo (backtracking) or wolfe "
+                              "(strong Wolfe, no momentum); the SGD fallback is then searched "
+                              "too", choices=("none", "armijo", "wolfe"),
+                              applies=_on(SECANT, pairs=("probe", "shared_probe", "history"))),
+        "ls_c1": Option(1e-4, "float", "c1 of the sufficient-decrease condition", low=0.0,
+                        low_open=True, high=1.0,
+                        applies=_on(SECANT, line_search=("armijo", "wolfe"))),
+        "ls_c2": Option(0.9, "float", "c2 of the strong Wolfe curvature condition", low=0.0,
+                        low_open=True, high=1.0, applies=_on(SECANT, line_search=("wolfe",))),
+        "ls_max_trials": Option(5, "int", "trials of the quasi-Newton step before the SGD "
+                                "fallback", low=1,
+                                applies=_on(SECANT, line_search=("armijo", "wolfe"))),
         "exchange": Option("allgather", "str", "how pairs move between ranks",
                            choices=("allgather",), applies=_on(*QUASI_NEWTON)),
         "check_every": Option(100, "int", "steps between checks that all ranks hold identical "
@@ -160,6 +185,12 @@ SCHEMA: dict[str, dict[str, Option]] = {
                             low=1),
         "eval_every": Option(100, "int", "steps between test-set evaluations (0: only at the end)",
                              low=0),
+        "max_loss_ratio": Option(10.0, "float", "fail the run (exit 1) when a step's training "
+                                 "loss exceeds this multiple of the first step's (0: never)",
+                                 low=0.0),
+        "chance_window": Option(200, "int", "fail the run (exit 1) once every test "
+                                "evaluation over this many steps found it at chance: accuracy "
+                                "<= 1.5/C and training loss >= 0.9 ln C (0: never)", low=0),
     },
     "checkpoint": {
         "every": Option(0, "int", "steps between checkpoints (0: only at the end and on "
@@ -314,18 +345,19 @@ def applies(cfg: dict, section: str, key: str) -> bool:
     if rule is None:
         return True
     table = cfg[section]
-    conditions = rule.get(table.get("name"), rule.get("*"))
-    return conditions is not None and all(table[k] in allowed
-                                          for k, allowed in conditions.items())
+    alternatives = rule.get(table.get("name"), ()) + rule.get("*", ())
+    return any(all(table[k] in allowed for k, allowed in conditions.items())
+               for conditions in alternatives)
 
 
 def _where(section: str, rule: dict) -> str:
     """Where a key applies, in words: "optim.name = 'secant' with pairs = 'probe'"."""
     def one(name, conditions):
-        words = [] if name == "*" else [f"{section}.name = {name!r}"]
-        words += [f"{k} = {' or '.join(map(repr, v))}" for k, v in conditions.items()]
-        return " with ".join(words)
-    return "; or ".join(one(name, c) for name, c in rule.items())
+        where = [f"{k} = {' or '.join(map(repr, v))}" for k, v in conditions.items()]
+        name = "" if name == "*" else f"{section}.name = {name!r}"
+        return " with ".join(filter(None, [name, " and ".join(where)]))
+    return "; or ".join(one(name, c) for name, alternatives in rule.items()
+                        for c in alternatives)
 
 
 def _check_applicable(cfg: dict, given: set[tuple[str, str]]) -> None:
@@ -355,6 +387,10 @@ def _check_combinations(cfg: dict) -> None:
         raise UsageError(f"optim.pairs_per_rank = {o['pairs_per_rank']} is invalid with "
                          f"train.batch_size = {cfg['train']['batch_size']}: the sgd probe "
                          "splits each minibatch into pairs_per_rank sub-batches")
+    if o["name"] == SECANT and o["line_search"] == "wolfe" and o["momentum"] != 0:
+        raise UsageError(f"optim.momentum = {o['momentum']!r} is invalid with "
+                         "optim.line_search = 'wolfe', which searches along the quasi-Newton "
+                         "direction alone: use optim.momentum = 0")
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "int_list": list}

@@ -44,6 +44,7 @@ class Objective:
         self._buf = self.xp.zeros(n + 2, dtype=model.dtype)
         self.grad = self._buf[:n]
         self._scalar = np.zeros(1)
+        self._trial = None        # (n + 1,): a trial point's gradient and loss
         self.x = self.y = None
         self.grad_evals = 0.0
         self.forward_evals = 0
@@ -117,6 +118,18 @@ class Objective:
         self._scalar[0] = float(self._timed(self.model.loss, point, self.x, self.y))
         self.comm.allreduce_sum_(self._scalar)
         return self._scalar[0] / self.comm.size
+
+    def value_and_gradient(self, point) -> tuple[float, object]:
+        """(F, the averaged gradient (n,)) on the step's global batch at ``point``, in one
+        Allreduce of n + 1 floats; the gradient is a view of a buffer the next call
+        overwrites. ``grad`` is left alone."""
+        n = self.model.n_params
+        if self._trial is None:
+            self._trial = self.xp.zeros(n + 1, dtype=self.grad.dtype)
+        self._trial[n] = self.local_gradient(point, self._trial[:n])
+        self.comm.allreduce_sum_(self._trial)
+        self._trial /= self.comm.size
+        return float(self._trial[n]), self._trial[:n]
 
     def curvature_product(self, theta, v, out) -> None:
         """``out`` (n,) <- G v, the Gauss-Newton matrix of F on the step's global batch at

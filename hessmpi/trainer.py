@@ -34,6 +34,7 @@ from hessmpi.objective import Objective
 from hessmpi.optim import StepInfo, build_optimizer
 from hessmpi.optim.schedule import Schedule
 from hessmpi.progress import Progress
+from hessmpi.watch import Watch
 
 
 def parameter_digest(theta) -> bytes:
@@ -172,6 +173,8 @@ class Run(Training):
         self.stop_signal = 0      # set by SIGTERM/SIGUSR1 on this rank
         self.stop_requested = False  # set on every rank once any rank has a signal
         self.failed_at = 0
+        self.watch = Watch(max_loss_ratio=tcfg["max_loss_ratio"],
+                           chance_window=tcfg["chance_window"], n_classes=train.n_classes)
         if resume is not None:
             comm.collectively(self.restore, *resume)
             if self.start_step >= tcfg["steps"]:
@@ -213,6 +216,7 @@ class Run(Training):
         arrays.update({f"optim/{k}": host(v) for k, v in self.optimizer.state().items()})
         attrs = {"step": step, "epoch": self.sampler.epochs_done,
                  **self.objective.counters(), "wall_time": wall,
+                 "first_loss": self.watch.first_loss,
                  "config": config_mod.to_toml(self.cfg),
                  "mpi_size": self.comm.size, "hessmpi_version": __version__,
                  "signature": self.signature}
@@ -244,6 +248,7 @@ class Run(Training):
         self.sampler.restore(int(epoch), int(position))
         self.start_step = int(attrs["step"])
         self.objective.restore_counters(attrs)
+        self.watch.first_loss = attrs.get("first_loss")
         self.wall_offset = float(attrs["wall_time"])
 
     def save_checkpoint(self, step: int, wall: float) -> Path:
@@ -338,6 +343,7 @@ class Run(Training):
             self.failed_at = step + 1
             info = self.step(step, interval)
             done = step + 1
+            self.watch.step(done, info.loss)
             last = done == steps
             if check_every and (done % check_every == 0 or last):
                 self.check_consistency(done)
@@ -363,6 +369,8 @@ class Run(Training):
                     self.metrics.append([row], steps_done=done, **self.optimizer_counters())
                     progress.update(done, f"loss {info.loss:.4g}"
                                     + (f" test_acc {test_acc:.4f}" if evaluated else ""))
+                if evaluated:
+                    self.watch.evaluation(done, test_acc, info.loss)
             if (every and done % every == 0) or last or self.stop_requested:
                 path = self.save_checkpoint(done, time.perf_counter() - started)
             if self.stop_requested and not last:

@@ -64,9 +64,12 @@ class PairMemory:
         """Rows of W in use: g and the filled slots."""
         return 1 + self.filled * self.slot_rows
 
-    def pair_indices(self) -> tuple[np.ndarray, np.ndarray]:
-        """(S rows, Y rows) of W, (m_filled,) each: pair j is rows s[j], y[j]."""
+    def pair_indices(self, chronological: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(S rows, Y rows) of W, (m_filled,) each: pair j is rows s[j], y[j]; in slot
+        order, or ``chronological``: oldest slot first (in a slot: by contributor)."""
         rows = np.arange(1, self.active).reshape(self.filled, self.contributors, 2, self.k)
+        if chronological and self.filled == self.slots:
+            rows = np.roll(rows, -self.next_slot, axis=0)
         return rows[:, :, 0].ravel(), rows[:, :, 1].ravel()
 
     def set_gradient(self, grad) -> None:

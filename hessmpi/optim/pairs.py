@@ -93,6 +93,49 @@ class ProbePairs:
         pass
 
 
+class SharedProbePairs:
+    """``pairs = "shared_probe"``: the workers' probe made consistent with the global
+    objective: every rank probes the same point theta + s, s = -eta_p g_bar (the averaged
+    gradient), on its own part of the batch, and one Allreduce gives
+    y = g_B(theta + s) - g_bar on the whole global batch. One pair per ``probe_every``
+    steps, the same on any rank count (on one rank it is ``probe``'s pair); cost one
+    gradient and one Allreduce of n."""
+
+    independent_of_ranks = True
+    pending = False
+
+    def __init__(self, opts, *, n: int, xp, dtype):
+        self.o, self.xp = opts, xp
+        self.contributors, self.k = 1, 1
+        self.forming = False
+        self._work = xp.zeros(n, dtype=dtype)
+        self._lr = 0.0
+
+    def cost(self) -> float:
+        return 1.0
+
+    def before_reduce(self, step: int, theta, objective, lr: float,
+                      memory: PairMemory) -> None:
+        self.forming = step % self.o.probe_every == 0
+        self._objective, self._lr = objective, lr
+
+    def after_reduce(self, theta, grad, memory: PairMemory, damping: float, last_step
+                     ) -> int | None:
+        if not self.forming:
+            return None
+        s_rows, y_rows = memory.own_rows(memory.next_slot)
+        self.xp.multiply(grad, -(self.o.probe_lr or self._lr), out=s_rows[0])
+        self.xp.add(theta, s_rows[0], out=self._work)
+        self._objective.mean_gradient_at(self._work, y_rows[0])
+        y_rows[0] -= grad
+        if damping:
+            damp_(self.xp, s_rows, y_rows, damping, self._work)
+        return memory.commit()
+
+    def after_step(self, theta, objective, memory, last_step) -> None:
+        pass
+
+
 class DriftPairs:
     """``pairs = "local"``: each rank takes local_steps - 1 SGD steps from theta on its own
     next minibatches; at the synchronisation theta becomes the average of the drifted points
@@ -206,6 +249,8 @@ def build_pair_source(opts, *, n: int, comm, seed: int, full_batch: bool, xp, dt
     if opts.pairs == "probe":
         return ProbePairs(opts, n=n, comm=comm, seed=seed, xp=xp, dtype=dtype,
                           exchange=exchange)
+    if opts.pairs == "shared_probe":
+        return SharedProbePairs(opts, n=n, xp=xp, dtype=dtype)
     if opts.pairs == "local":
         return DriftPairs(opts, n=n, comm=comm, xp=xp, dtype=dtype, exchange=exchange)
     return HistoryPairs(opts, n=n, full_batch=full_batch, xp=xp, dtype=dtype)

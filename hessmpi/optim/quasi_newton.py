@@ -21,6 +21,8 @@ import numpy as np
 #: Why a step fell back to the SGD step u = eta * g.
 FALLBACK_REASONS = ("no_pairs", "no_curvature", "not_finite", "not_descent", "solve_failed",
                     "line_search")
+#: The step rules of ``optim.curvature``.
+CURVATURES = ("bfgs", "lsq", "subspace", "lbfgs")
 
 
 @dataclass
@@ -47,16 +49,19 @@ def _fallback(xp, m: int, reason: str, kept: int = 0) -> Direction:
 
 def direction(gram, s_idx, y_idx, g_idx: int, *, eta: float, curvature: str,
               curvature_tol: float, h0: str, lsq_mu: float, max_step_ratio: float,
-              xp: Any) -> Direction:
+              xp: Any, powell: bool = False) -> Direction:
     """The step direction of ALGORITHM.md section 2 from the Gram matrix of the rows of W.
 
     gram: (r, r) Gram matrix of W's rows; s_idx, y_idx: (m,) integer indices of the S and Y
-    rows (pair j is rows s_idx[j], y_idx[j]); g_idx: index of the g row. eta: the SGD
-    learning rate (h0 = "lr" and the clip use it). curvature: "bfgs" | "lsq" | "subspace".
-    curvature_tol: tau of the filter. h0: "lr" | "bb". lsq_mu: mu of "lsq" relative to
-    tr(Y^T Y)/m. max_step_ratio: clip ||d|| <= max_step_ratio * ||eta g||.
+    rows (pair j is rows s_idx[j], y_idx[j]; for "lbfgs" oldest first); g_idx: index of the
+    g row. eta: the SGD learning rate (h0 = "lr" and the clip use it). curvature: "bfgs" |
+    "lsq" | "subspace" (block rules on the whole of S^T Y) | "lbfgs" (the two-loop
+    recursion, one pair at a time: see :func:`two_loop`). curvature_tol: tau of the filter
+    (for "lbfgs": of the skip test). h0: "lr" | "bb". lsq_mu: mu of "lsq" relative to
+    tr(Y^T Y)/m. max_step_ratio: clip ||d|| <= max_step_ratio * ||eta g||. powell: Powell
+    damping of the "lbfgs" pairs instead of skipping.
     """
-    if curvature not in ("bfgs", "lsq", "subspace"):
+    if curvature not in CURVATURES:
         raise ValueError(f"unknown curvature rule {curvature!r}")
     m = len(s_idx)
     if m == 0:
@@ -65,10 +70,18 @@ def direction(gram, s_idx, y_idx, g_idx: int, *, eta: float, curvature: str,
     G = xp.asarray(gram, dtype=xp.float64)
     if not bool(xp.isfinite(G).all()):
         return _fallback(xp, m, "not_finite")
+    sg, yg, gg = G[s_idx, g_idx], G[y_idx, g_idx], float(G[g_idx, g_idx])
+    if curvature == "lbfgs":
+        coef = two_loop(G, s_idx, y_idx, g_idx, eta=eta, h0=h0, tol=curvature_tol,
+                        powell=powell, xp=xp)
+        if coef is None:
+            return _fallback(xp, m, "no_curvature")
+        coef_g, coef_s, coef_y, kept = coef
+        return _finish(xp, G, s_idx, y_idx, g_idx, coef_g, coef_s, coef_y, kept, sg, yg, gg,
+                       eta=eta, max_step_ratio=max_step_ratio)
     ss = G[s_idx[:, None], s_idx]
     sy = G[s_idx[:, None], y_idx]          # S^T Y
     yy = G[y_idx[:, None], y_idx]
-    sg, yg, gg = G[s_idx, g_idx], G[y_idx, g_idx], float(G[g_idx, g_idx])
 
     try:
         lam, Q = xp.linalg.eigh(0.5 * (sy + sy.T))
@@ -103,8 +116,68 @@ def direction(gram, s_idx, y_idx, g_idx: int, *, eta: float, curvature: str,
             coef_s, coef_y = Qk @ (sg_k / lk - h * proj), xp.zeros(m, dtype=xp.float64)
     except np.linalg.LinAlgError:  # CuPy raises NumPy's LinAlgError too
         return _fallback(xp, m, "solve_failed", kept)
-    coef_g = h
+    return _finish(xp, G, s_idx, y_idx, g_idx, h, coef_s, coef_y, kept, sg, yg, gg, eta=eta,
+                   max_step_ratio=max_step_ratio)
 
+
+def two_loop(G, s_idx, y_idx, g_idx: int, *, eta: float, h0: str, tol: float, powell: bool,
+             xp: Any):
+    """L-BFGS's two-loop recursion d = H g on the Gram matrix G of W's rows, every vector a
+    coefficient vector over the rows (Nocedal & Wright, Alg. 7.4), pairs oldest first.
+
+    Each pair updates H by itself, so H stays positive definite whatever S^T Y is: a pair
+    enters only with s^T y > 0. Without ``powell`` a pair is skipped unless
+    s^T y > tol * ||s|| ||y|| (scale-invariant); with it, y is damped towards B0 s,
+    y <- theta y + (1 - theta) B0 s with theta chosen so that s^T y >= 0.2 s^T B0 s
+    (Powell 1978; B0 = I / h). H0 = h I: h = eta (``h0 = "lr"``) or s^T y / y^T y of the
+    newest pair with s^T y > 0 (``"bb"``, else eta). Returns (coef_g, coef_s (m,),
+    coef_y (m,), pairs used), or None if no pair is used.
+    """
+    r = G.shape[0]
+    h = eta
+    if h0 == "bb":
+        for s, y in zip(reversed(s_idx.tolist()), reversed(y_idx.tolist()), strict=True):
+            if G[s, y] > 0 and G[y, y] > 0:
+                h = float(G[s, y] / G[y, y])
+                break
+    pairs = []   # (s row, coefficient vector of the (damped) y, 1 / s^T y)
+    for s, y in zip(s_idx.tolist(), y_idx.tolist(), strict=True):
+        ss, sy, yy = float(G[s, s]), float(G[s, y]), float(G[y, y])
+        y_coef = xp.zeros(r)
+        y_coef[y] = 1.0
+        if powell:
+            sbs = ss / h
+            if not sbs > 0:
+                continue
+            if sy < 0.2 * sbs:
+                theta = 0.8 * sbs / (sbs - sy)
+                y_coef[y] = theta
+                y_coef[s] = (1.0 - theta) / h
+                sy = theta * sy + (1.0 - theta) * sbs
+        elif not sy > tol * (ss * yy) ** 0.5:
+            continue
+        pairs.append((s, y_coef, 1.0 / sy))
+    if not pairs:
+        return None
+    q = xp.zeros(r)
+    q[g_idx] = 1.0
+    alphas = []
+    for s, y_coef, rho in reversed(pairs):
+        a = rho * float((G @ q)[s])
+        q -= a * y_coef
+        alphas.append(a)
+    d = h * q
+    for (s, y_coef, rho), a in zip(pairs, reversed(alphas), strict=True):
+        b = rho * float(y_coef @ (G @ d))
+        d[s] += a - b
+    return float(d[g_idx]), d[s_idx], d[y_idx], len(pairs)
+
+
+def _finish(xp, G, s_idx, y_idx, g_idx, coef_g, coef_s, coef_y, kept, sg, yg, gg, *,
+            eta: float, max_step_ratio: float) -> Direction:
+    """The checks and the clip shared by every rule: finite, a descent direction,
+    ||d|| <= max_step_ratio * ||eta g|| (from the Gram matrix)."""
+    m = len(s_idx)
     coef = xp.concatenate([xp.asarray([coef_g]), coef_s, coef_y])
     idx = xp.concatenate([xp.asarray([g_idx]), s_idx, y_idx])
     sub = G[idx[:, None], idx]

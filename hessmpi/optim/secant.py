@@ -9,7 +9,9 @@ exchanged and committed; the Gram rows of g and of the new slot; the direction f
 line-searched; v <- beta v + u, theta -= v; then, for history pairs below full batch, the
 pair of the step just taken. On failure (no pairs, no curvature, not finite, not a descent
 direction, a failed solve or line search) the step is the SGD step u = eta g, counted by
-reason.
+reason; with a line search that step is searched too (momentum dropped, from the length of
+the last step taken), and if no trial decreases F no step is taken ("no_decrease"), so at
+full batch F never rises.
 """
 
 from __future__ import annotations
@@ -18,15 +20,26 @@ import numpy as np
 
 from hessmpi.optim.base import StepInfo
 from hessmpi.optim.exchange import build_exchange
-from hessmpi.optim.linesearch import Armijo
+from hessmpi.optim.linesearch import Armijo, StrongWolfe
 from hessmpi.optim.memory import PairMemory
 from hessmpi.optim.pairs import build_pair_source
 from hessmpi.optim.quasi_newton import FALLBACK_REASONS, direction
 
 
 def fallback_counts() -> dict[str, int]:
-    """Zero counts of the SGD fallbacks by reason and of clipped steps."""
-    return dict.fromkeys((*FALLBACK_REASONS, "clipped"), 0)
+    """Zero counts of the SGD fallbacks by reason, of clipped steps, and of steps not taken
+    because no trial of the searched fallback decreased F."""
+    return dict.fromkeys((*FALLBACK_REASONS, "clipped", "no_decrease"), 0)
+
+
+def build_line_search(opts, like):
+    """The line search of ``opts.line_search``, or None."""
+    if opts.line_search == "armijo":
+        return Armijo(c1=opts.ls_c1, max_trials=opts.ls_max_trials, like=like)
+    if opts.line_search == "wolfe":
+        return StrongWolfe(c1=opts.ls_c1, c2=opts.ls_c2, max_trials=opts.ls_max_trials,
+                           like=like)
+    return None
 
 
 class Secant:
@@ -44,8 +57,7 @@ class Secant:
         own = comm.rank if self.source.contributors > 1 else 0
         self.memory = PairMemory(n, contributors=self.source.contributors, k=self.source.k,
                                  slots=opts.memory, own=own, xp=xp, dtype=theta.dtype)
-        self.line_search = (Armijo(c1=opts.ls_c1, max_trials=opts.ls_max_trials, like=theta)
-                            if opts.line_search == "armijo" else None)
+        self.line_search = build_line_search(opts, theta)
         self.velocity = theta * 0
         self._u = theta * 0            # the step of this iteration, before momentum
         self.steps = 0
@@ -80,6 +92,20 @@ class Secant:
         """||theta_new - theta_old|| of the last step (= ||velocity||)."""
         return float(self.xp.linalg.norm(self.velocity))
 
+    def _fallback(self, theta, objective, grad, u, loss: float, lr: float) -> None:
+        """u <- the SGD step eta g; with a line search, searched: momentum dropped, the first
+        trial no longer than the last step taken, and no step (u = 0) if none decreases F."""
+        if self.line_search is None:
+            self.xp.multiply(grad, lr, out=u)
+            return
+        g_norm, last = float(self.xp.linalg.norm(grad)), self.last_step_norm
+        t = min(lr, last / g_norm) if last > 0 and g_norm > 0 else lr
+        self.xp.multiply(grad, t, out=u)
+        self.velocity[...] = 0
+        if not self.line_search.descend(objective, theta, grad, u, loss):
+            u[...] = 0
+            self.counts["no_decrease"] += 1
+
     # ----- the step ------------------------------------------------------------------------
     def step(self, theta, objective, lr: float) -> StepInfo:
         o, memory, source = self.o, self.memory, self.source
@@ -90,11 +116,11 @@ class Secant:
         slot = source.after_reduce(theta, grad, memory, o.damping, self.velocity)
         memory.set_gradient(grad)
         memory.update_gram(slot)
-        s_idx, y_idx = memory.pair_indices()
+        s_idx, y_idx = memory.pair_indices(chronological=o.curvature == "lbfgs")
         gram = memory.gram_host()
         d = direction(gram, s_idx, y_idx, 0, eta=lr, curvature=o.curvature,
                       curvature_tol=o.curvature_tol, h0=o.h0, lsq_mu=o.lsq_mu,
-                      max_step_ratio=o.max_step_ratio, xp=np)
+                      max_step_ratio=o.max_step_ratio, xp=np, powell=o.powell)
         reason, u = d.reason, self._u
         if reason is None:
             coef = np.zeros(memory.active)
@@ -116,8 +142,8 @@ class Secant:
                     objective, theta, grad, u, loss, self.velocity, o.momentum):
                 reason = "line_search"
         if reason is not None:
-            self.xp.multiply(grad, lr, out=u)
             self.counts[reason] += 1
+            self._fallback(theta, objective, grad, u, loss, lr)
         v = self.velocity
         v *= o.momentum
         v += u
