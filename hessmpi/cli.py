@@ -57,7 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model (run under mpiexec/srun)")
-    t.add_argument("--config", type=Path, help="TOML configuration file (jobs/configs/*.toml)")
+    t.add_argument("--config", type=Path, action="append",
+                   help="TOML configuration file (jobs/configs/*.toml); repeatable: later "
+                        "files override earlier ones, e.g. a model's file then "
+                        "jobs/configs/recommended_fullbatch.toml")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a configuration key (repeatable)")
     t.add_argument("--out", type=Path,
@@ -79,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--target-loss", type=float, metavar="LOSS",
                    help="add columns to_loss_steps, to_loss_s: the first logged step (and its "
                         "wall time) with training loss <= LOSS")
+    r.add_argument("--baseline", type=Path, metavar="RUN",
+                   help="compare with this run: its final training loss is the loss target "
+                        "(unless --target-loss is given) and columns x_steps, x_wall give "
+                        "each run's steps and wall time to it as multiples of its own")
     r.add_argument("--target-acc", type=float, metavar="ACC",
                    help="add columns to_acc_steps, to_acc_s: the first evaluation with test "
                         "accuracy >= ACC (a fraction, e.g. 0.95)")
@@ -291,7 +298,8 @@ def _report(args) -> int:
     from hessmpi.report import report
 
     print(report(args.runs, csv_path=args.csv, plot_path=args.plot,
-                 target_loss=args.target_loss, target_acc=args.target_acc), flush=True)
+                 target_loss=args.target_loss, target_acc=args.target_acc,
+                 baseline=args.baseline), flush=True)
     for what, path in (("table", args.csv), ("plot", args.plot)):
         if path is not None:
             print(f"hessmpi: wrote the {what} to {path}", file=sys.stderr, flush=True)

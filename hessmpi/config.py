@@ -283,6 +283,21 @@ def _merge(cfg: dict, section: str, key: str, value: Any, where: str) -> None:
     cfg[section][key] = _coerce(f"{section}.{key}", SCHEMA[section][key], value)
 
 
+def _read_toml(path: Path) -> dict:
+    """The TOML document at ``path``; UsageError naming the file if unreadable."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"config file {path} is not valid TOML: not UTF-8 text ({e})") \
+            from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+
+
 def _merge_tables(cfg: dict, doc: dict, where: str) -> set[tuple[str, str]]:
     """Merge ``{section: {key: value}}`` into ``cfg``; returns the keys given."""
     given = set()
@@ -306,27 +321,16 @@ def from_dict(doc: dict, base: dict | None = None) -> dict[str, dict[str, Any]]:
     return cfg
 
 
-def load(path: str | Path | None, overrides: list[str] = (),
+def load(path: str | Path | list | None, overrides: list[str] = (),
          base: dict | None = None) -> dict[str, dict[str, Any]]:
-    """``base`` (default: the defaults), then the TOML file at ``path`` (if any), then
-    ``section.key=value`` overrides. A key given here (not inherited from ``base``) with a
-    non-default value where it does not apply is refused."""
+    """``base`` (default: the defaults), then the TOML file at ``path`` (if any; a list:
+    each in turn, later ones overriding), then ``section.key=value`` overrides. A key given
+    here (not inherited from ``base``) with a non-default value where it does not apply is
+    refused."""
     cfg = copy.deepcopy(base) if base is not None else defaults()
     given: set[tuple[str, str]] = set()
-    if path is not None:
-        path = Path(path)
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except OSError as e:
-            raise UsageError(f"cannot read config file {path}: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise UsageError(f"config file {path} is not valid TOML: not UTF-8 text ({e})") \
-                from None
-        try:
-            doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise UsageError(f"config file {path} is not valid TOML: {e}") from None
-        given |= _merge_tables(cfg, doc, str(path))
+    for one in ([] if path is None else path if isinstance(path, list) else [path]):
+        given |= _merge_tables(cfg, _read_toml(Path(one)), str(one))
     for item in overrides:
         name, sep, text = item.partition("=")
         section, dot, key = name.strip().partition(".")

@@ -31,6 +31,7 @@ HEADER = ("run", "method", "ranks", "batch", "backend", "status", "steps", "grad
           "final_loss", "best_loss", "test_acc", "wall_s", "fallback_rate", "t_grad_ms",
           "t_comm_ms", "t_solve_ms")
 LOSS_TARGET_COLUMNS = ("to_loss_steps", "to_loss_s")
+BASELINE_COLUMNS = ("x_steps", "x_wall")
 ACC_TARGET_COLUMNS = ("to_acc_steps", "to_acc_s")
 
 #: A run that is being written may be caught between two writes of its metrics.h5: retries.
@@ -162,10 +163,27 @@ def _row(run: Path, attrs: dict, cfg: dict, cols: dict, *, target_loss: float | 
     return row
 
 
-def header(target_loss: float | None = None, target_acc: float | None = None) -> tuple:
-    """The columns of a report with these targets."""
+def header(target_loss: float | None = None, target_acc: float | None = None,
+           baseline: bool = False) -> tuple:
+    """The columns of a report with these targets (and ratios to a baseline run)."""
     return (HEADER + (LOSS_TARGET_COLUMNS if target_loss is not None else ())
+            + (BASELINE_COLUMNS if baseline else ())
             + (ACC_TARGET_COLUMNS if target_acc is not None else ()))
+
+
+def _versus(rows: list[dict], base: dict, target_loss: float) -> str:
+    """The ratio columns of every row against the baseline row, and one line saying them."""
+    lines = []
+    for row in rows:
+        row["x_steps"] = row["to_loss_steps"] / base["to_loss_steps"]
+        row["x_wall"] = row["to_loss_s"] / base["to_loss_s"]
+        if row is not base:
+            reached = (f"in {row['x_steps']:.2f}x its steps ({row['to_loss_steps']} against "
+                       f"{base['to_loss_steps']}) and {row['x_wall']:.2f}x its wall time"
+                       if math.isfinite(row["x_steps"]) else "not within its steps")
+            lines.append(f"{row['run']} reached the training loss {target_loss:.6g} of "
+                         f"{base['run']} {reached}")
+    return "\n".join(lines)
 
 
 def _cell(value) -> str:
@@ -184,14 +202,24 @@ def check_targets(target_loss: float | None, target_acc: float | None) -> None:
 
 
 def report(runs: list[Path], csv_path: Path | None = None, *, plot_path: Path | None = None,
-           target_loss: float | None = None, target_acc: float | None = None) -> str:
+           target_loss: float | None = None, target_acc: float | None = None,
+           baseline: Path | None = None) -> str:
     """The table over ``runs`` as aligned text; also written as CSV to ``csv_path`` and drawn
-    to ``plot_path`` (PNG). Every run is read before anything is written."""
+    to ``plot_path`` (PNG). Every run is read before anything is written. ``baseline``: a
+    run (added first if not among ``runs``) whose final training loss is the loss target
+    unless one is given; columns x_steps, x_wall and a line under the table give each run's
+    steps and wall time to that target as multiples of the baseline's."""
     check_targets(target_loss, target_acc)
     runs = [Path(r) for r in runs]
+    if baseline is not None and Path(baseline) not in runs:
+        runs.insert(0, Path(baseline))
     loaded = [(r, *load_run(r)) for r in runs]
+    if baseline is not None and target_loss is None:
+        target_loss = float(loaded[runs.index(Path(baseline))][3]["train_loss"][-1])
     rows = [_row(*run, target_loss=target_loss, target_acc=target_acc) for run in loaded]
-    columns = header(target_loss, target_acc)
+    columns = header(target_loss, target_acc, baseline is not None)
+    versus = (_versus(rows, rows[runs.index(Path(baseline))], target_loss)
+              if baseline is not None else "")
     if plot_path is not None:
         plot(loaded, plot_path, target_loss=target_loss, target_acc=target_acc)
     if csv_path is not None:
@@ -204,8 +232,9 @@ def report(runs: list[Path], csv_path: Path | None = None, *, plot_path: Path | 
             raise UsageError(f"cannot write {csv_path}: {e.strerror or e}") from None
     table = [columns] + [tuple(_cell(r[h]) for h in columns) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+    text = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                      for row in table)
+    return text + ("\n" + versus if versus else "")
 
 
 def plot(runs: list, path: Path, *, target_loss: float | None = None,
