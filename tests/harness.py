@@ -131,6 +131,27 @@ def read_split(path, split: str = "train"):
                 int(f.attrs["n_classes"]))
 
 
+def make_dataset(comm, directory, *, n_train: int = 61, n_test: int = 31, features: int = 6,
+                 classes: int = 3, seed: int = 5):
+    """Rank 0 writes a small synthetic dataset file ``directory``/data.h5; every rank gets
+    its path (or every rank raises if rank 0 could not write it)."""
+    from hessmpi.data import write_dataset
+    from hessmpi.importers import synthetic
+
+    path = directory / "data.h5"
+    error = None
+    if comm.rank == 0:
+        try:
+            train, test, attrs = synthetic(n_train, n_test, features, classes, 10.0, 2.0, seed)
+            write_dataset(path, train, test, **attrs)
+        except Exception as e:  # noqa: BLE001 - reported on every rank below
+            error = f"{type(e).__name__}: {e}"
+    error = comm.bcast(error)
+    if error:
+        raise RuntimeError(f"rank 0 could not write the dataset: {error}")
+    return path
+
+
 def gathered(comm, x, y):
     """The ranks' rows (x, y) concatenated in rank order, on every rank (a collective)."""
     parts = comm.allgather((x, y))
