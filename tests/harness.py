@@ -85,8 +85,8 @@ def own_rows(opt):
 
 # ----- dense references ----------------------------------------------------------------------
 def rel(a, b) -> float:
-    """||a - b|| / ||b||."""
-    a, b = np.asarray(a), np.asarray(b)
+    """||a - b|| / ||b||, in float64."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 

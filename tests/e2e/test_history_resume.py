@@ -196,7 +196,9 @@ def test_history_with_a_probe_option_exits_2(override, data, tmp_path):
     assert result.rc == 2, str(result)
     errors = [line for line in result.stderr.splitlines() if "hessmpi: error" in line]
     assert len(errors) == 1, str(result)
-    assert override.split("=")[0] in errors[0] and "history" in errors[0], errors[0]
+    key = override.split("=")[0]
+    assert f"{key} = " in errors[0] and "does not apply" in errors[0], errors[0]
+    assert "applies with optim.name = 'secant' with pairs = 'probe'" in errors[0], errors[0]
     assert "Traceback" not in result.stdout + result.stderr, str(result)
     assert not (out / "metrics.h5").exists()
 
