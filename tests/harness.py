@@ -90,20 +90,26 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
+def bfgs_matrix(S, Y, h, Di=None):
+    """The block-BFGS inverse of ALGORITHM.md s.2 as an n x n matrix, pairs S, Y (n, m
+    columns): H = S D^-1 S^T + (I - S D^-1 Y^T) h I (I - Y D^-1 S^T), D = sym(S^T Y);
+    ``Di``: D^-1 if known (default: inverted here)."""
+    if Di is None:
+        Di = np.linalg.inv(0.5 * (S.T @ Y + Y.T @ S))
+    L = np.eye(S.shape[0]) - S @ Di @ Y.T
+    return S @ Di @ S.T + h * L @ L.T
+
+
 def block_bfgs(g, S, Y, h, tau=1e-6):
-    """(H g, kept) with the dense n x n block-BFGS inverse of ALGORITHM.md s.2 on the pairs
-    S, Y (n, m columns): the curvature filter on D = sym(S^T Y) (keep lam > tau max(lam),
-    lam > 0), the pairs rotated onto the kept eigenvectors, and
-    H = S D^-1 S^T + (I - S D^-1 Y^T) h (I - Y D^-1 S^T); ``h``: a number, or "bb" for
-    tr(S^T Y) / tr(Y^T Y) over the kept pairs."""
+    """(H g, kept): the curvature filter on D = sym(S^T Y) (keep lam > tau max(lam),
+    lam > 0), the pairs rotated onto the kept eigenvectors, then :func:`bfgs_matrix` of
+    those; ``h``: a number, or "bb" for tr(S^T Y) / tr(Y^T Y) over the kept pairs."""
     lam, Q = np.linalg.eigh(0.5 * (S.T @ Y + Y.T @ S))
     keep = (lam > tau * lam.max()) & (lam > 0)
     S, Y, lam = S @ Q[:, keep], Y @ Q[:, keep], lam[keep]
     if h == "bb":
         h = float(np.trace(S.T @ Y) / np.trace(Y.T @ Y))
-    Di = np.diag(1.0 / lam)
-    L = np.eye(len(g)) - S @ Di @ Y.T
-    return (S @ Di @ S.T + h * L @ L.T) @ g, int(keep.sum())
+    return bfgs_matrix(S, Y, h, np.diag(1.0 / lam)) @ g, int(keep.sum())
 
 
 # ----- runs and data -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clirun import Result, hessmpi, set_args, train
+from clirun import Result, hessmpi, set_args, synthetic_data, train
 
 from hessmpi.checkpoint import checkpoint_path, list_checkpoints, read_checkpoint
 from hessmpi.metrics import COLUMNS, read_metrics
@@ -103,11 +103,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(workdir) -> Path:
-    path = workdir / "synthetic.h5"
-    result = hessmpi("data", "synthetic", "--n-train", N_TRAIN, "--n-test", "60",
-                     "--features", "10", "--classes", "3", "--out", path)
-    assert result.rc == 0, str(result)
-    return path
+    return synthetic_data(workdir / "synthetic.h5", N_TRAIN, 60, 10, 3)
 
 
 @pytest.fixture(scope="module")
