@@ -672,7 +672,7 @@ class Unit:
         for step in range(budget):
             t0 = perf()
             try:
-                _, info = run.step(step, interval)
+                info = run.step(step, interval)
             except RunFailed:
                 status = "diverged"
                 break
@@ -684,7 +684,8 @@ class Unit:
                 continue
             next_eval = done + eval_interval(done, base)
             f = ev.train_objective(run.theta)
-            row = [done, float(run.grad_evals), int(run.forward_evals), wall]
+            counted = run.objective
+            row = [done, float(counted.grad_evals), int(counted.forward_evals), wall]
             curve.append([*row, f])
             if test_t:
                 test_curve.append([*row, ev.test_accuracy(run.theta)])
@@ -708,7 +709,8 @@ class Unit:
                 break
         counts = dict(getattr(run.optimizer, "counts", {}))
         record = dict(point=point, seed=seed, status=status, steps=done,
-                      grad_evals=float(run.grad_evals), forward_evals=int(run.forward_evals),
+                      grad_evals=float(run.objective.grad_evals),
+                      forward_evals=int(run.objective.forward_evals),
                       wall=wall, t_step=wall / max(done, 1), budget=budget,
                       limits={n: (v if math.isfinite(v) else None) for n, v in limits.items()},
                       curve=curve, test_curve=test_curve,
@@ -870,7 +872,7 @@ class Unit:
             wall, timed, ge0, fe0 = 0.0, 0, 0.0, 0
             for step in range(steps):
                 if step == item["warmup"]:
-                    ge0, fe0 = run.grad_evals, run.forward_evals
+                    ge0, fe0 = run.objective.grad_evals, run.objective.forward_evals
                 t0 = time.perf_counter()
                 try:
                     run.step(step, interval)
@@ -880,8 +882,9 @@ class Unit:
                     wall += time.perf_counter() - t0
                     timed += 1
             out.append(dict(item, ms=1e3 * wall / timed if timed else math.nan, timed=timed,
-                            grad_evals_per_step=(run.grad_evals - ge0) / max(timed, 1),
-                            forward_evals_per_step=(run.forward_evals - fe0) / max(timed, 1),
+                            grad_evals_per_step=(run.objective.grad_evals - ge0) / max(timed, 1),
+                            forward_evals_per_step=(run.objective.forward_evals - fe0)
+                            / max(timed, 1),
                             device=self.backend.device))
             self.finish_run(run)
             self.log(f"  timing {item['problem']} b{item['batch']} {item['method']} "

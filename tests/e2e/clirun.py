@@ -69,6 +69,14 @@ def hessmpi(*args, **kwargs) -> Result:
     return run([HESSMPI, *args], **kwargs)
 
 
+def synthetic_data(path: Path, n_train: int, n_test: int, features: int, classes: int) -> Path:
+    """``hessmpi data synthetic`` into ``path`` (the test fails if it does not exit 0)."""
+    result = hessmpi("data", "synthetic", "--n-train", n_train, "--n-test", n_test,
+                     "--features", features, "--classes", classes, "--out", path)
+    assert result.rc == 0, str(result)
+    return path
+
+
 def train(*args, n: int = 2, **kwargs) -> Result:
     """``mpiexec -n N hessmpi train ARGS``."""
     return run([*mpiexec(n), HESSMPI, "train", *args], **kwargs)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clirun import Result, hessmpi, set_args, train
+from clirun import Result, hessmpi, set_args, synthetic_data, train
 
 from hessmpi.checkpoint import checkpoint_path, list_checkpoints, read_checkpoint
 from hessmpi.metrics import COLUMNS, read_metrics
@@ -103,11 +103,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(workdir) -> Path:
-    path = workdir / "synthetic.h5"
-    result = hessmpi("data", "synthetic", "--n-train", N_TRAIN, "--n-test", "60",
-                     "--features", "10", "--classes", "3", "--out", path)
-    assert result.rc == 0, str(result)
-    return path
+    return synthetic_data(workdir / "synthetic.h5", N_TRAIN, 60, 10, 3)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +192,9 @@ def test_history_with_a_probe_option_exits_2(override, data, tmp_path):
     assert result.rc == 2, str(result)
     errors = [line for line in result.stderr.splitlines() if "hessmpi: error" in line]
     assert len(errors) == 1, str(result)
-    assert override.split("=")[0] in errors[0] and "history" in errors[0], errors[0]
+    key = override.split("=")[0]
+    assert f"{key} = " in errors[0] and "does not apply" in errors[0], errors[0]
+    assert "applies with optim.name = 'secant' with pairs = 'probe'" in errors[0], errors[0]
     assert "Traceback" not in result.stdout + result.stderr, str(result)
     assert not (out / "metrics.h5").exists()
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from clirun import HESSMPI, Result, hessmpi, mpiexec, set_args, train
+from clirun import HESSMPI, Result, mpiexec, set_args, synthetic_data, train
 
 from hessmpi.checkpoint import (
     checkpoint_path,
@@ -146,11 +146,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(workdir) -> Path:
-    path = workdir / "synthetic.h5"
-    result = hessmpi("data", "synthetic", "--n-train", N_TRAIN, "--n-test", "128",
-                     "--features", "20", "--classes", "4", "--out", path)
-    assert result.rc == 0, str(result)
-    return path
+    return synthetic_data(workdir / "synthetic.h5", N_TRAIN, 128, 20, 4)
 
 
 @pytest.fixture(scope="module")

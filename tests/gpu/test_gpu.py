@@ -12,15 +12,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from harness import build, rel, step_on
 from mpi4py import MPI
 
-from hessmpi import config, importers
+from hessmpi import importers
 from hessmpi.backend import _cupy_or_reason, to_host
 from hessmpi.comm import Communicator, cuda_aware_mpi
 from hessmpi.data import write_dataset
 from hessmpi.models import DenseNet
+from hessmpi.objective import Objective
 from hessmpi.optim.quasi_newton import direction
-from hessmpi.optim.secant import Secant, secant_options
 
 cupy, why = _cupy_or_reason()
 if cupy is None:
@@ -29,11 +30,6 @@ if cupy is None:
 BIN = Path(sys.executable).parent
 MPIEXEC = os.environ.get("HESSMPI_MPIEXEC", str(BIN / "mpiexec"))
 HESSMPI = [sys.executable, "-m", "hessmpi"]
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(np.float64, 1e-10), (np.float32, 1e-4)])
@@ -51,11 +47,11 @@ def test_model_gradient_and_curvature_match_cpu(dtype, tol, sizes):
     g_gpu = cupy.empty(cpu.n_params, dtype=dtype)
     f_gpu = gpu.loss_grad(cupy.asarray(theta), cupy.asarray(x), cupy.asarray(y), g_gpu)
     assert abs(float(f_gpu) - float(f_cpu)) <= tol * abs(float(f_cpu))
-    assert _rel(g_gpu.get(), g_cpu) <= tol
+    assert rel(g_gpu.get(), g_cpu) <= tol
     hv_cpu = cpu.curvature_product(theta, v, x, y)
     hv_gpu = gpu.curvature_product(cupy.asarray(theta), cupy.asarray(v), cupy.asarray(x),
                                    cupy.asarray(y))
-    assert _rel(hv_gpu.get(), hv_cpu) <= tol
+    assert rel(hv_gpu.get(), hv_cpu) <= tol
     loss_cpu, correct_cpu = cpu.evaluate(theta, x, y, chunk=16)
     loss_gpu, correct_gpu = gpu.evaluate(cupy.asarray(theta), cupy.asarray(x), cupy.asarray(y),
                                          chunk=16)
@@ -82,33 +78,30 @@ def test_secant_direction_matches_cpu(curvature):
     assert d_gpu.kept == d_cpu.kept
     vec_cpu = d_cpu.coef_g * W[0] + d_cpu.coef_s @ W[1:m + 1] + d_cpu.coef_y @ W[m + 1:]
     vec_gpu = (d_gpu.coef_g * Wg[0] + d_gpu.coef_s @ Wg[1:m + 1] + d_gpu.coef_y @ Wg[m + 1:])
-    assert _rel(vec_gpu.get(), vec_cpu) <= 1e-9
+    assert rel(vec_gpu.get(), vec_cpu) <= 1e-9
 
 
 @pytest.mark.parametrize("memory", [1, 3])
-def test_secant_step_matches_cpu(memory):
-    """The whole Secant optimizer (pairs, Gram, small system, combination) on the GPU against
-    the CPU, on the same model, batch and parameters, over several steps."""
+def test_secant_step_matches_cpu(solo, memory):
+    """The whole Secant optimizer (gradient, pairs, Gram, small system, combination) on the
+    GPU against the CPU, on the same model, batch and parameters, over several steps."""
     rng = np.random.default_rng(2)
     sizes = [30, 40, 7]
-    opts = config.defaults()["optim"] | {"name": "secant", "memory": memory}
     x = rng.standard_normal((64, sizes[0]))
     y = rng.integers(0, sizes[-1], 64)
     thetas = []
     for xp in (np, cupy):
         model = DenseNet(sizes, "relu", 1e-3, xp=xp, dtype=np.float64)
         theta = xp.asarray(model.init_params(0))
-        opt = Secant(theta, model=model, comm=Communicator(MPI.COMM_SELF), draw_batch=None,
-                     seed=0, opts=secant_options(opts))
-        grad = xp.empty_like(theta)
+        objective = Objective(model, solo)
+        opt = build(theta, objective, memory=memory)
         xb, yb = xp.asarray(x), xp.asarray(y)
         for _ in range(6):
-            model.loss_grad(theta, xb, yb, grad)
-            opt.observe(theta, grad, 0.05, xb, yb)
-            opt.step(theta, grad, 0.05, xb, yb)
+            step_on(opt, objective, theta, 0.05, xb, yb)
         thetas.append(to_host(xp, theta))
         assert sum(opt.counts.values()) - opt.counts["clipped"] == 0, opt.counts
-    assert _rel(thetas[1], thetas[0]) <= 1e-10
+        assert objective.grad_evals == 6 * (1 + opt.source.cost())
+    assert rel(thetas[1], thetas[0]) <= 1e-10
 
 
 def test_staged_path_moves_device_buffers():
@@ -156,7 +149,7 @@ def test_two_rank_gpu_run_matches_cpu(launch, tmp_path, dataset, optim):
     with h5py.File(tmp_path / "gpu" / "metrics.h5") as f:
         assert f.attrs["backend"] == "cupy"
         assert f.attrs["mpi_device_path"] in ("direct", "staged")
-    assert _rel(_params(tmp_path / "gpu"), _params(tmp_path / "cpu")) <= 1e-9
+    assert rel(_params(tmp_path / "gpu"), _params(tmp_path / "cpu")) <= 1e-9
 
 
 @pytest.mark.skipif(not cuda_aware_mpi(), reason="the MPI library is not CUDA-aware: "
@@ -180,4 +173,4 @@ def test_gpu_checkpoint_resumes_on_cpu(launch, tmp_path, dataset):
     assert proc.returncode == 0, proc.stderr
     with h5py.File(half / "metrics.h5") as f:
         assert f.attrs["backend"] == "numpy"
-    assert _rel(_params(half), _params(tmp_path / "whole")) <= 1e-9
+    assert rel(_params(half), _params(tmp_path / "whole")) <= 1e-9

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from harness import make_dataset
 from mpi4py import MPI
 
 from hessmpi.comm import Communicator
@@ -35,27 +36,6 @@ def shared_dir(comm):
     if comm.rank == 0:
         shutil.rmtree(path, ignore_errors=True)
 
-
-
-def make_dataset(comm, directory: Path, *, n_train: int = 61, n_test: int = 31,
-                 features: int = 6, classes: int = 3, seed: int = 5) -> Path:
-    """Rank 0 writes a small synthetic dataset file; every rank gets its path (or every
-    rank raises if rank 0 could not write it)."""
-    from hessmpi.data import write_dataset
-    from hessmpi.importers import synthetic
-
-    path = directory / "data.h5"
-    error = None
-    if comm.rank == 0:
-        try:
-            train, test, attrs = synthetic(n_train, n_test, features, classes, 10.0, 2.0, seed)
-            write_dataset(path, train, test, **attrs)
-        except Exception as e:  # noqa: BLE001 - reported on every rank below
-            error = f"{type(e).__name__}: {e}"
-    error = comm.bcast(error)
-    if error:
-        raise RuntimeError(f"rank 0 could not write the dataset: {error}")
-    return path
 
 
 @pytest.fixture

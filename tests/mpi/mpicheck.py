@@ -6,6 +6,10 @@ thing, so a failure on one rank fails the test everywhere instead of leaving oth
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
+
 from hessmpi.comm import Communicator
 
 
@@ -16,6 +20,34 @@ def assert_all(comm: Communicator, ok: bool, detail: str = "") -> None:
     verdicts = comm.comm.allgather((ok, detail))
     failures = [f"rank {r}: {d or 'failed'}" for r, (v, d) in enumerate(verdicts) if not v]
     assert not failures, "; ".join(failures)
+
+
+def assert_checks(comm: Communicator, checks) -> None:
+    """``checks``: this rank's (ok, what) pairs; assert on every rank alike that every one
+    holds on every rank, naming the first that failed on each failing rank."""
+    detail = next((what for ok, what in checks if not ok), "")
+    assert_all(comm, not detail, detail)
+
+
+def _fingerprint(value):
+    """An array by its shape, type and a hash of its bytes, a float by its bits (NaN equals
+    NaN); any other value as it is."""
+    if isinstance(value, float):
+        return value.hex()
+    if isinstance(value, np.ndarray):
+        data = np.ascontiguousarray(value).tobytes()
+        return value.shape, value.dtype.str, hashlib.blake2b(data, digest_size=16).digest()
+    return value
+
+
+def assert_identical(comm: Communicator, **values) -> None:
+    """Assert on every rank alike that each named value is the same on every rank: a
+    NumPy array or a float bitwise (shape and type included), anything else by ``==``."""
+    for name, value in values.items():
+        everyone = comm.comm.allgather(_fingerprint(value))
+        differ = [r for r, v in enumerate(everyone) if v != everyone[0]]
+        assert_all(comm, not differ, f"{name} differs across ranks (ranks {differ} "
+                   "from rank 0)")
 
 
 def check_all(comm: Communicator, check) -> None:

@@ -5,6 +5,7 @@ CUDA-aware library (mpi4py reads the pointer from the interface)."""
 import numpy as np
 import pytest
 from mpi4py import MPI
+from mpicheck import check_all
 
 from hessmpi.comm import Communicator
 
@@ -20,17 +21,30 @@ class FakeDeviceArray:
             "data": (host.ctypes.data, False), "version": 3}
 
 
+@pytest.fixture
+def direct():
+    """A Communicator over COMM_WORLD that hands device buffers to MPI directly."""
+    c = Communicator(MPI.COMM_WORLD, device_path="direct")
+    yield c
+    c.comm.Free()
+
+
 @pytest.mark.mpi
 @pytest.mark.timeout(60)
-def test_direct_path_reduces_and_gathers_device_buffers():
-    comm = Communicator(MPI.COMM_WORLD, device_path="direct")
+def test_direct_path_reduces_and_gathers_device_buffers(direct):
+    comm = direct
     P, r = comm.size, comm.rank
     host = np.arange(6, dtype=np.float64) * (r + 1)
     comm.allreduce_sum_(FakeDeviceArray(host))
-    ok = np.array_equal(host, np.arange(6) * P * (P + 1) / 2)
     gathered = np.zeros((P, 3))
     gathered[r] = r + 0.5
     comm.allgather_(FakeDeviceArray(gathered))
-    ok &= np.array_equal(gathered, np.repeat(np.arange(P)[:, None] + 0.5, 3, axis=1))
-    ok &= comm.bytes_sent == (0 if P == 1 else host.nbytes + gathered.nbytes // P)
-    assert comm.comm.allreduce(bool(ok), op=MPI.LAND)
+
+    def check():
+        np.testing.assert_array_equal(host, np.arange(6) * P * (P + 1) / 2)
+        np.testing.assert_array_equal(gathered,
+                                      np.repeat(np.arange(P)[:, None] + 0.5, 3, axis=1))
+        assert comm.bytes_sent == (0 if P == 1 else host.nbytes + gathered.nbytes // P), \
+            comm.bytes_sent
+
+    check_all(comm, check)

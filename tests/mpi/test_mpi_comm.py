@@ -7,7 +7,6 @@ import pytest
 from mpi4py import MPI
 from mpicheck import assert_all, check_all, raises_everywhere
 
-from hessmpi.comm import Communicator
 from hessmpi.errors import UsageError
 
 pytestmark = pytest.mark.timeout(60)
@@ -65,16 +64,12 @@ def test_bcast_from_last_rank_and_bytes_counted_on_root_only(comm):
 
 
 @pytest.mark.mpi
-def test_single_rank_communicator_sends_no_bytes(comm):
+def test_single_rank_communicator_sends_no_bytes(comm, solo):
     """On one rank a collective moves nothing: bytes_sent stays 0, the data unchanged."""
-    solo = Communicator(MPI.COMM_SELF)
-    try:
-        buf = np.arange(5.0)
-        solo.allreduce_sum_(buf)
-        solo.bcast_(buf)
-        ok = solo.size == 1 and solo.bytes_sent == 0 and np.array_equal(buf, np.arange(5.0))
-    finally:
-        solo.comm.Free()
+    buf = np.arange(5.0)
+    solo.allreduce_sum_(buf)
+    solo.bcast_(buf)
+    ok = solo.size == 1 and solo.bytes_sent == 0 and np.array_equal(buf, np.arange(5.0))
     assert_all(comm, ok, f"size {solo.size}, bytes_sent {solo.bytes_sent}, buf {buf}")
 
 

@@ -7,22 +7,18 @@ P*b rows and a plain-numpy momentum SGD recursion.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 
-import h5py
 import numpy as np
 import pytest
-from mpicheck import assert_all, check_all, raises_everywhere
+from harness import read_split, run_config, start_run
+from mpicheck import assert_all, assert_identical, check_all, raises_everywhere
 
-from hessmpi import config
-from hessmpi.backend import make_backend
 from hessmpi.data import Sampler, read_shard, shard_bounds
 from hessmpi.errors import RunFailed, UsageError
 from hessmpi.metrics import read_metrics
 from hessmpi.models.dense import DenseNet
-from hessmpi.trainer import Interval, Run
+from hessmpi.trainer import Interval
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,22 +26,9 @@ STEPS = 12
 
 
 def make_cfg(data_path, *overrides: str) -> dict:
-    return config.load(None, [
-        f"data.path={json.dumps(str(data_path))}", "backend.device=cpu", "backend.dtype=float64",
-        "backend.threads=1", f"train.steps={STEPS}", "train.batch_size=4", "train.seed=3",
-        "train.log_every=1", "train.eval_every=5", "optim.check_every=2", *overrides])
-
-
-def make_run(cfg, comm, out) -> Run:
-    bcfg = cfg["backend"]
-    backend = make_backend(bcfg["device"], bcfg["dtype"], bcfg["threads"])
-    return Run(cfg, comm, backend, out)
-
-
-def read_split(path, split):
-    with h5py.File(path, "r") as f:
-        return f[f"{split}/x"][()].astype(np.float64), f[f"{split}/y"][()], \
-            int(f.attrs["n_classes"])
+    return run_config(data_path, f"train.steps={STEPS}", "train.batch_size=4", "train.seed=3",
+                      "train.log_every=1", "train.eval_every=5", "optim.check_every=2",
+                      *overrides)
 
 
 def serial_reference(cfg, data_path, size, lrs):
@@ -120,7 +103,7 @@ def test_data_parallel_run_equals_serial_large_batch(comm, shared_dir, dataset, 
     assert len(lrs) == STEPS
     cfg = make_cfg(dataset, *overrides)
     out = shared_dir / "run"
-    run = make_run(cfg, comm, out)
+    run = start_run(cfg, comm, out)
     summary = run.run()
     model, ref = serial_reference(cfg, dataset, comm.size, lrs)
     theta0 = model.init_params(cfg["train"]["seed"])
@@ -168,10 +151,10 @@ def test_step_by_step_losses_equal_serial_reference(comm, shared_dir, dataset):
     loss of the concatenated batch."""
     overrides, lrs = CASES["mlp-tanh-nesterov-wd"]
     cfg = make_cfg(dataset, *overrides)
-    run = make_run(cfg, comm, shared_dir / "run")
+    run = start_run(cfg, comm, shared_dir / "run")
     _, ref = serial_reference(cfg, dataset, comm.size, lrs)
     interval = Interval()
-    losses = [run.step(s, interval)[0] for s in range(STEPS)]
+    losses = [run.step(s, interval).loss for s in range(STEPS)]
 
     def check():
         close(losses, [h["loss"] for h in ref])
@@ -182,30 +165,25 @@ def test_step_by_step_losses_equal_serial_reference(comm, shared_dir, dataset):
     check_all(comm, check)
 
 
-def digest(a) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
-
-
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_every_rank_holds_bitwise_identical_parameters(comm, shared_dir, dataset, dtype):
     cfg = make_cfg(dataset, "model.name=mlp", "model.hidden=[9]", "optim.check_every=0",
                    f"backend.dtype={dtype}", "optim.lr=0.3")
-    run = make_run(cfg, comm, shared_dir / "run")
-    start = digest(run.theta)
+    run = start_run(cfg, comm, shared_dir / "run")
+    start = run.theta.copy()
     interval = Interval()
     for s in range(15):
         run.step(s, interval)
-    mine = (digest(run.theta), digest(run.optimizer.velocity), str(run.theta.dtype))
-    everyone = comm.allgather(mine)
-    assert_all(comm, len(set(everyone)) == 1, f"digests differ: {everyone}")
-    assert_all(comm, mine[0] != start and mine[2] == dtype, "parameters did not move")
+    assert_identical(comm, parameters=run.theta, velocity=run.optimizer.velocity)
+    assert_all(comm, not np.array_equal(run.theta, start) and run.theta.dtype == dtype,
+               "parameters did not move")
 
 
 @pytest.mark.mpi(min_size=2)
 def test_check_consistency_stops_every_rank_when_one_rank_drifts(comm, shared_dir, dataset):
     cfg = make_cfg(dataset, "model.name=softmax")
-    run = make_run(cfg, comm, shared_dir / "run")
+    run = start_run(cfg, comm, shared_dir / "run")
     interval = Interval()
     for s in range(3):
         run.step(s, interval)
@@ -226,7 +204,7 @@ def test_run_fails_on_every_rank_and_marks_metrics_when_ranks_drift(comm, shared
                                                                     dataset):
     cfg = make_cfg(dataset, "model.name=softmax", "optim.check_every=1")
     out = shared_dir / "run"
-    run = make_run(cfg, comm, out)
+    run = start_run(cfg, comm, out)
     if comm.rank == 1:
         run.theta[2] += 1e-3
     raises_everywhere(comm, RunFailed, run.run, match="parameters differ across ranks at step 1")
@@ -247,7 +225,7 @@ def test_non_finite_data_on_one_rank_stops_every_rank(comm, shared_dir, dataset)
     at the same step with RunFailed, and rank 0 marks the results file failed."""
     cfg = make_cfg(dataset, "model.name=softmax", "train.log_every=2")
     out = shared_dir / "run"
-    run = make_run(cfg, comm, out)
+    run = start_run(cfg, comm, out)
     original = run.model.loss_grad
     calls = [0]
 
@@ -278,7 +256,7 @@ def test_non_finite_data_on_one_rank_stops_every_rank(comm, shared_dir, dataset)
 @pytest.mark.mpi(min_size=2)
 def test_missing_dataset_is_a_usage_error_on_every_rank(comm, shared_dir):
     cfg = make_cfg(shared_dir / "missing.h5")
-    raises_everywhere(comm, UsageError, make_run, cfg, comm, shared_dir / "run",
+    raises_everywhere(comm, UsageError, start_run, cfg, comm, shared_dir / "run",
                       match="missing.h5 does not exist")
 
 
@@ -286,10 +264,10 @@ def test_missing_dataset_is_a_usage_error_on_every_rank(comm, shared_dir):
 def test_batch_larger_than_shard_is_a_usage_error_on_every_rank(comm, shared_dir, dataset):
     rows = 61 // comm.size
     cfg = make_cfg(dataset, f"train.batch_size={rows + 1}")
-    raises_everywhere(comm, UsageError, make_run, cfg, comm, shared_dir / "run",
+    raises_everywhere(comm, UsageError, start_run, cfg, comm, shared_dir / "run",
                       match=f"train.batch_size = {rows + 1}")
     # exactly the shard is fine
-    run = make_run(make_cfg(dataset, f"train.batch_size={rows}"), comm, shared_dir / "run2")
+    run = start_run(make_cfg(dataset, f"train.batch_size={rows}"), comm, shared_dir / "run2")
     assert_all(comm, run.sampler.rows == rows, f"{run.sampler.rows} rows")
 
 
@@ -301,7 +279,7 @@ def test_existing_results_are_refused_on_every_rank(comm, shared_dir, dataset):
         out.mkdir()
         (out / "metrics.h5").write_bytes(b"earlier run")
     comm.barrier()
-    raises_everywhere(comm, UsageError, make_run, make_cfg(dataset), comm, out,
+    raises_everywhere(comm, UsageError, start_run, make_cfg(dataset), comm, out,
                       match="already holds a run")
     assert_all(comm, comm.rank != 0 or (out / "metrics.h5").read_bytes() == b"earlier run")
 

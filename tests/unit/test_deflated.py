@@ -13,29 +13,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mpi4py import MPI
+from harness import build, counted, form_pairs, rel
+from toymodels import Quadratic, Recorder, SoftmaxProblem, bare, spd
 
 import hessmpi.optim.deflated as deflated_module
 from hessmpi import config
-from hessmpi.comm import Communicator
 from hessmpi.errors import UsageError
-from hessmpi.models.dense import DenseNet
+from hessmpi.objective import Objective
 from hessmpi.optim import build_optimizer
 from hessmpi.optim.deflated import Deflated
 from hessmpi.optim.quasi_newton import deflation
-from hessmpi.optim.secant import secant_options
 
 DUMMY_X, DUMMY_Y = np.zeros((4, 1)), np.zeros(4)
 
 
 # ----- fixtures and helpers ---------------------------------------------------------------------
-@pytest.fixture
-def comm():
-    c = Communicator(MPI.COMM_SELF)
-    yield c
-    c.comm.Free()
-
-
 @pytest.fixture
 def ritz_log(monkeypatch):
     """Every Deflation the optimizer computes, in order (deflation itself is not changed)."""
@@ -49,60 +41,33 @@ def ritz_log(monkeypatch):
     return log
 
 
-class Quadratic:
-    """F(theta) = 1/2 theta^T A theta - b^T theta; ``nan_at_call``: the loss_grad calls (by
-    number, from 0) whose gradient is NaN; ``calls`` counts them."""
-
-    xp = np
-
-    def __init__(self, A, b):
-        self.A, self.b = A, b
-        self.calls, self.nan_at_call = 0, set()
-
-    def loss(self, theta, x, y):
-        return 0.5 * theta @ self.A @ theta - self.b @ theta
-
-    def loss_grad(self, theta, x, y, grad):
-        grad[...] = self.A @ theta - self.b
-        if self.calls in self.nan_at_call:
-            grad[0] = np.nan
-        self.calls += 1
-        return self.loss(theta, x, y)
-
-
 def quadratic(n, eigs, seed):
-    rng = np.random.default_rng(seed)
-    R = np.linalg.qr(rng.standard_normal((n, n)))[0]
-    return Quadratic(R @ np.diag(eigs) @ R.T, rng.standard_normal(n)), rng
+    """(Recorder of a quadratic with Hessian spectrum ``eigs``, the generator after it)."""
+    A, b, rng = spd(n, seed, eigs)
+    return Recorder(Quadratic(A, b)), rng
 
 
-def options(**overrides) -> dict:
-    o = config.defaults()["optim"]
-    o["name"] = "deflated"
-    o.update(overrides)
-    return secant_options(o)
+def make(model, theta, comm, seed=0, x=DUMMY_X, y=DUMMY_Y, **keys):
+    """(Deflated with ``keys``, its Objective on the batch (x, y))."""
+    objective = Objective(model, comm)
+    objective.use_batch(x, y)
+    return build(theta, objective, "deflated", seed=seed, **keys), objective
 
 
-def make(model, theta, comm, seed=0, **overrides) -> Deflated:
-    return Deflated(theta, model=model, comm=comm, draw_batch=None, seed=seed,
-                    opts=options(**overrides))
-
-
-def step(opt, model, theta, lr, x=DUMMY_X, y=DUMMY_Y):
-    """What the trainer does on one rank: gradient, observe, step. Returns (g, info)."""
+def step(opt, objective, theta, lr):
+    """One step on the objective's batch. Returns (g, info, what the objective counted), g
+    the batch gradient at theta recomputed here (on the bare model: nothing recorded)."""
     g = np.empty_like(theta)
-    loss = float(model.loss_grad(theta, x, y, g))
-    opt.observe(theta, g, lr, x, y)
-    return g, opt.step(theta, g, lr, x, y, loss)
-
-
-def rel(a, b) -> float:
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(b))
+    bare(objective.model).loss_grad(theta, objective.x, objective.y, g)
+    with counted(objective) as used:
+        info = opt.step(theta, objective, lr)
+    return g, info, used
 
 
 def basis(opt):
     """(V (n, m), Y (n, m)) of the slot, as columns."""
-    return opt.W[opt._v_idx].T.copy(), opt.W[opt._y_idx].T.copy()
+    v_idx, y_idx = opt.memory.pair_indices()
+    return opt.memory.W[v_idx].T.copy(), opt.memory.W[y_idx].T.copy()
 
 
 def dense_step(A, V, g, eta_c, alpha):
@@ -117,7 +82,9 @@ def dense_step(A, V, g, eta_c, alpha):
 @pytest.mark.parametrize("override", ["optim.memory=2", "optim.pairs=local",
                                       "optim.probe_batch=0.5", "optim.line_search=armijo"])
 def test_deflated_refuses_what_would_need_more_than_one_basis(override):
-    with pytest.raises(UsageError, match=override.split("=")[0].replace("optim.", "")):
+    key = override.split("=")[0]
+    with pytest.raises(UsageError, match=f"{key} = .* does not apply with optim.name = "
+                                         "'deflated'.*'secant'"):
         config.load(None, ["optim.name=deflated", override])
 
 
@@ -125,9 +92,10 @@ def test_deflated_config_builds_a_deflated_optimizer(comm):
     cfg = config.load(None, ["optim.name=deflated", "optim.pairs_per_rank=3",
                              "optim.probe_every=5", "optim.memory=1"])
     model, _ = quadratic(6, np.linspace(1, 2, 6), seed=0)
-    opt = build_optimizer(cfg["optim"], np.zeros(6), model=model, comm=comm, draw_batch=None,
+    opt = build_optimizer(config.options(cfg, "optim"), np.zeros(6), Objective(model, comm),
                           seed=0)
-    assert isinstance(opt, Deflated) and opt.m == 3 and opt.o["probe_every"] == 5
+    assert isinstance(opt, Deflated) and opt.memory.m == 3 and opt.o.probe_every == 5
+    assert opt.source.cost() == 3.0
 
 
 # ----- the pure function: safeguard on adversarial Ritz values ----------------------------------
@@ -230,12 +198,12 @@ def test_deflated_steps_equal_the_dense_formula_with_momentum_on_the_complement(
     n, k, lr, alpha, beta = 10, 4, 0.1, 0.2, 0.5
     model, rng = quadratic(n, np.geomspace(0.05, 30, n), seed=0)
     theta = rng.standard_normal(n)
-    opt = make(model, theta, comm, pairs_per_rank=k, probe_every=2, momentum=beta,
-               newton_lr=alpha, probe_sigma=1.0)
+    opt, objective = make(model, theta, comm, pairs_per_rank=k, probe_every=2,
+                          momentum=beta, newton_lr=alpha, probe_sigma=1.0)
     A = model.A
     t0 = theta.copy()
-    g0, info = step(opt, model, theta, lr)
-    assert info.fallback == 0 and opt.grad_evals_per_step == 1 + k
+    g0, info, used = step(opt, objective, theta, lr)
+    assert info.fallback == 0 and used["grad_evals"] == 1 + k == 1 + opt.source.cost()
     V, Y = basis(opt)
     assert np.abs(V.T @ V - np.eye(k)).max() < 1e-12                # orthonormal start
     assert rel(Y, A @ V) < 1e-12                                     # y = H v
@@ -247,8 +215,8 @@ def test_deflated_steps_equal_the_dense_formula_with_momentum_on_the_complement(
     assert rel(t0 - theta, un0 + v1) < 1e-12
     assert rel(opt.velocity, v1) < 1e-12                              # momentum: complement only
     t1 = theta.copy()
-    g1, info = step(opt, model, theta, lr)
-    assert info.fallback == 0 and opt.grad_evals_per_step == 1
+    g1, info, used = step(opt, objective, theta, lr)
+    assert info.fallback == 0 and used["grad_evals"] == 1 and not opt.source.forming
     np.testing.assert_array_equal(basis(opt)[0], V)                  # no refresh at step 1
     un1, uc1 = dense_step(A, V, g1, lr, alpha)
     v2 = beta * v1 + uc1
@@ -264,11 +232,11 @@ def test_power_iteration_finds_the_top_eigenvalues_of_a_quadratic(comm, ritz_log
     eigs = np.concatenate([top, np.linspace(0.1, 4.0, n - k)])
     model, rng = quadratic(n, eigs, seed=1)
     theta = rng.standard_normal(n)
-    opt = make(model, theta, comm, pairs_per_rank=k, probe_every=1, lr=1e-4)
+    opt, objective = make(model, theta, comm, pairs_per_rank=k, probe_every=1, lr=1e-4)
     R_top = np.linalg.eigh(model.A)[1][:, -k:]
     errors = []
     for _ in range(25):
-        step(opt, model, theta, 1e-4)
+        step(opt, objective, theta, 1e-4)
         errors.append(np.abs(np.sort(ritz_log[-1].ritz)[::-1] - top).max() / top.min())
         V, _ = basis(opt)
         assert np.abs(V.T @ V - np.eye(k)).max() < 1e-8              # Cholesky-QR stays orthonormal
@@ -282,16 +250,15 @@ def test_power_iteration_finds_the_top_eigenvalues_of_a_quadratic(comm, ritz_log
 def test_power_iteration_on_softmax_regression_matches_the_dense_hessian(comm, ritz_log):
     """Softmax regression (full batch, l2 1e-3) with tiny lr: after 30 refreshes the two Ritz
     values match the top of the spectrum of the Hessian formed with curvature_product."""
-    rng = np.random.default_rng(1)
-    d, C, rows, k, lr = 6, 2, 200, 2, 1e-6
-    model = DenseNet([d, C], "relu", 1e-3, xp=np, dtype=np.float64)
-    x = rng.standard_normal((rows, d)) * np.linspace(0.5, 2.5, d)
-    y = rng.integers(0, C, rows)
-    theta = 0.5 * rng.standard_normal(model.n_params)
+    k, lr = 2, 1e-6
+    p = SoftmaxProblem(1, d=6, classes=2, rows=200, l2=1e-3, theta_scale=0.5,
+                       feature_scale=np.linspace(0.5, 2.5, 6))
+    model, x, y, theta = p.model, p.x, p.y, p.theta.copy()
     theta0 = theta.copy()
-    opt = make(model, theta, comm, pairs_per_rank=k, probe_every=1, lr=lr)
+    opt, objective = make(model, theta, comm, x=x, y=y, pairs_per_rank=k, probe_every=1,
+                          lr=lr)
     for _ in range(30):
-        step(opt, model, theta, lr, x, y)
+        step(opt, objective, theta, lr)
     assert np.linalg.norm(theta - theta0) < 1e-3 * np.linalg.norm(theta0)
     H = np.stack([model.curvature_product(theta, e, x, y) for e in np.eye(model.n_params)], 1)
     lam = np.linalg.eigvalsh(H)[::-1]
@@ -304,19 +271,21 @@ def test_refresh_only_every_probe_every_steps(comm):
     n, k, T = 12, 2, 3
     model, rng = quadratic(n, np.geomspace(0.1, 10, n), seed=2)
     theta = rng.standard_normal(n)
-    opt = make(model, theta, comm, pairs_per_rank=k, probe_every=T, lr=0.05)
+    opt, objective = make(model, theta, comm, pairs_per_rank=k, probe_every=T, lr=0.05)
+    memory = opt.memory
     previous = None
     for t in range(3 * T + 1):
-        calls = model.calls
-        g, info = step(opt, model, theta, 0.05)
+        calls = len(model.grad_rows)
+        g, info, used = step(opt, objective, theta, 0.05)
         refresh = t % T == 0
-        assert model.calls - calls == 1 + (k if refresh else 0)      # grad + k probes
-        assert opt.grad_evals_per_step == (1 + k if refresh else 1)
+        assert len(model.grad_rows) - calls == 1 + (k if refresh else 0)   # grad + k probes
+        assert used["grad_evals"] == (1 + k if refresh else 1)
+        assert opt.source.forming == refresh
         V, Y = basis(opt)
-        np.testing.assert_array_equal(opt.W[0], g)
-        Wa = opt.W[:1 + 2 * k]
+        np.testing.assert_array_equal(memory.W[0], g)
+        Wa = memory.W[:1 + 2 * k]
         fresh = Wa @ Wa.T
-        assert np.abs(opt.gram[:1 + 2 * k, :1 + 2 * k] - fresh).max() \
+        assert np.abs(memory.gram[:1 + 2 * k, :1 + 2 * k] - fresh).max() \
             <= 1e-13 * np.abs(fresh).max()
         assert np.abs(V.T @ V - np.eye(k)).max() < 1e-10
         if previous is not None:
@@ -333,11 +302,15 @@ def test_refresh_only_every_probe_every_steps(comm):
 
 
 def test_initial_basis_is_seeded_and_orthonormal(comm):
+    """The basis the first refresh probes (this rank's k rows of the slot, before the
+    exchange): orthonormal, a function of the seed."""
     model, _ = quadratic(9, np.ones(9), seed=3)
     bases = []
     for seed in (4, 4, 5):
-        opt = make(model, np.zeros(9), comm, seed=seed, pairs_per_rank=3)
-        bases.append(opt._next_v.copy())
+        theta = np.zeros(9)
+        opt, objective = make(model, theta, comm, seed=seed, pairs_per_rank=3)
+        form_pairs(opt, objective, theta, 0.1, DUMMY_X, DUMMY_Y)
+        bases.append(opt.memory.own_rows(0)[0].copy())
         assert np.abs(bases[-1] @ bases[-1].T - np.eye(3)).max() < 1e-12
     np.testing.assert_array_equal(bases[0], bases[1])
     assert not np.allclose(bases[0], bases[2])
@@ -349,15 +322,16 @@ def nan_refresh_run(comm, steps):
     (infos, thetas before each step, grads, velocities before each step, lr, beta, opt)."""
     n, k, lr, beta = 8, 2, 0.05, 0.5
     model, rng = quadratic(n, np.geomspace(0.1, 10, n), seed=6)
-    model.nan_at_call = {2 * (1 + k) + 1}                            # step 2's first probe
+    model.nan_grad_at = {2 * (1 + k) + 1}                            # step 2's first probe
     theta = rng.standard_normal(n)
-    opt = make(model, theta, comm, pairs_per_rank=k, probe_every=1, lr=lr, momentum=beta)
+    opt, objective = make(model, theta, comm, pairs_per_rank=k, probe_every=1, lr=lr,
+                          momentum=beta)
     infos, thetas, grads, velocities = [], [], [], []
     for _ in range(steps):
         thetas.append(theta.copy())
         velocities.append(opt.velocity.copy())
         with np.errstate(all="ignore"):
-            g, info = step(opt, model, theta, lr)
+            g, info, _ = step(opt, objective, theta, lr)
         grads.append(g)
         infos.append(info)
     return infos, thetas, grads, velocities, lr, beta, opt, theta
@@ -376,4 +350,4 @@ def test_a_non_finite_refresh_takes_the_sgd_step(comm):
 def test_deflated_recovers_after_a_non_finite_refresh(comm):
     infos, *_, opt, theta = nan_refresh_run(comm, 6)
     assert [i.reason for i in infos[3:]] == [None, None, None]
-    assert np.isfinite(opt.W).all() and np.isfinite(theta).all()
+    assert np.isfinite(opt.memory.W).all() and np.isfinite(theta).all()

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mpi4py import MPI
-from toymodels import Quadratic, Recorder
+from harness import block_bfgs, build, counted, optim_options, rel
+from toymodels import Quadratic, Recorder, SoftmaxProblem, bare, spd
 
 from hessmpi import config
-from hessmpi.comm import Communicator
 from hessmpi.errors import UsageError
-from hessmpi.models.dense import DenseNet
-from hessmpi.optim.secant import Secant, secant_options
+from hessmpi.objective import Objective
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -37,78 +35,51 @@ LBFGS = dict(pairs="history", line_search="armijo", newton_lr=1.0, momentum=0.0,
 DUMMY_X, DUMMY_Y = np.zeros((4, 1)), np.zeros(4, dtype=np.int64)
 
 
-# ----- fixtures, problems and references -----------------------------------------------------
-@pytest.fixture
-def comm():
-    c = Communicator(MPI.COMM_SELF)
-    yield c
-    c.comm.Free()
+# ----- problems, steps and references ----------------------------------------------------------
+def softmax(seed, rows=60, batch=16) -> SoftmaxProblem:
+    """Softmax regression [4, 3] with l2 1e-2 (strictly convex) on random rows."""
+    return SoftmaxProblem(seed, d=4, classes=3, rows=rows, batch=batch, l2=1e-2,
+                          theta_scale=0.5)
 
 
-def options(**overrides) -> dict:
-    o = config.defaults()["optim"]
-    o["name"] = "secant"
-    o.update(overrides)
-    return secant_options(o)
+def make(model, theta, comm, *, full_batch: bool, **keys):
+    """(Secant with ``keys``, its Objective) for ``model``."""
+    objective = Objective(model, comm, full_batch=full_batch)
+    return build(theta, objective, seed=3, **keys), objective
 
 
-def make(model, theta, comm, *, full_batch: bool, **overrides) -> Secant:
-    return Secant(theta, model=model, comm=comm, draw_batch=None, seed=3,
-                  opts=options(**overrides), full_batch=full_batch)
-
-
-def spd(n, seed, low=1.0, high=10.0):
-    rng = np.random.default_rng(seed)
-    R = np.linalg.qr(rng.standard_normal((n, n)))[0]
-    return R @ np.diag(np.linspace(low, high, n)) @ R.T, rng.standard_normal(n)
-
-
-class Softmax:
-    """Softmax regression (DenseNet [d, C], float64, l2 > 0: strictly convex) on random
-    data; batches from a seeded stream."""
-
-    def __init__(self, seed=0, d=4, classes=3, rows=60, batch=16, l2=1e-2):
-        rng = np.random.default_rng(seed)
-        self.model = DenseNet([d, classes], "relu", l2, xp=np, dtype=np.float64)
-        self.x = rng.standard_normal((rows, d))
-        self.y = rng.integers(0, classes, rows)
-        self.theta = 0.5 * rng.standard_normal(self.model.n_params)
-        self.batch = batch
-        self._rng = np.random.default_rng(seed + 1)
-
-    def draw(self):
-        idx = self._rng.choice(len(self.y), self.batch, replace=False)
-        return self.x[idx], self.y[idx]
-
-    def grad(self, theta, x, y):
-        out = np.empty(self.model.n_params)
-        self.model.loss_grad(theta, x, y, out)
-        return out
-
-
-def take_step(opt, model, theta, x, y, lr):
-    """One step as the trainer's Run.step takes it on one rank: local gradient and loss,
-    observe, (the Allreduce is the identity), step. Returns (info, g)."""
+def take_step(opt, objective, theta, x, y, lr):
+    """One step as the trainer's Run.step takes it on one rank, on batch (x, y). Returns
+    (info, g, what the objective counted), g the batch gradient at theta recomputed here
+    (with the model a Recorder wraps: it records nothing)."""
     g = np.empty_like(theta)
-    loss = float(model.loss_grad(theta, x, y, g))
-    opt.observe(theta, g, lr, x, y)
-    return opt.step(theta, g, lr, x, y, loss), g
+    bare(objective.model).loss_grad(theta, x, y, g)
+    objective.use_batch(x, y)
+    with counted(objective) as used:
+        info = opt.step(theta, objective, lr)
+    return info, g, used
 
 
 def slot_pair(opt, q):
     """(s, y) rows of ring slot q: one global pair per slot, 2 rows."""
-    return opt.W[1 + 2 * q], opt.W[2 + 2 * q]
+    return opt.memory.W[1 + 2 * q], opt.memory.W[2 + 2 * q]
+
+
+def ring(opt):
+    """(filled, next slot, pending, steps)."""
+    return opt.memory.filled, opt.memory.next_slot, opt.source.pending, opt.steps
 
 
 def assert_gram_fresh(opt):
     """The Gram matrix of the active rows of W equals W W^T recomputed from scratch; a slot
     that holds a pending pair (not yet counted) is left out."""
-    active = 1 + 2 * opt.filled
+    memory, pending = opt.memory, opt.source.pending
+    active = 1 + 2 * memory.filled
     rows = [r for r in range(active)
-            if not (opt.pending and r in (1 + 2 * opt.next_slot, 2 + 2 * opt.next_slot))]
-    Wa = opt.W[rows]
+            if not (pending and r in (1 + 2 * memory.next_slot, 2 + 2 * memory.next_slot))]
+    Wa = memory.W[rows]
     fresh = Wa @ Wa.T
-    err = np.abs(opt.gram[np.ix_(rows, rows)] - fresh).max()
+    err = np.abs(memory.gram[np.ix_(rows, rows)] - fresh).max()
     assert err <= 1e-13 * np.abs(fresh).max(), err
 
 
@@ -126,26 +97,6 @@ def two_loop(S, Y, g, h0):
     return r
 
 
-def block_bfgs(S, Y, g, tau):
-    """H g with the dense n x n block-BFGS inverse of ALGORITHM.md s.2: the curvature filter
-    on D = sym(S^T Y) (keep lam > tau max(lam), lam > 0), pairs rotated onto the kept
-    eigenvectors, H0 = h0 I with h0 = tr(S^T Y) / tr(Y^T Y) over the rotated pairs, and
-    H = S D^{-1} S^T + (I - S D^{-1} Y^T) H0 (I - Y D^{-1} S^T). Returns (H g, kept)."""
-    S, Y = np.array(S).T, np.array(Y).T               # n x m columns
-    lam, Q = np.linalg.eigh(0.5 * (S.T @ Y + Y.T @ S))
-    keep = (lam > tau * lam.max()) & (lam > 0)
-    S, Y, lam = S @ Q[:, keep], Y @ Q[:, keep], lam[keep]
-    h0 = float(np.trace(S.T @ Y) / np.trace(Y.T @ Y))
-    Di = np.diag(1.0 / lam)
-    eye = np.eye(S.shape[0])
-    H = S @ Di @ S.T + (eye - S @ Di @ Y.T) @ (h0 * eye) @ (eye - Y @ Di @ S.T)
-    return H @ g, int(keep.sum())
-
-
-def rel(a, b) -> float:
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(b))
-
-
 # ----- the ring at full batch ----------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["lbfgs", "momentum-damping"])
 def test_full_batch_ring_holds_the_steps_taken_and_the_gradient_changes(comm, variant):
@@ -154,29 +105,28 @@ def test_full_batch_ring_holds_the_steps_taken_and_the_gradient_changes(comm, va
     (the step taken, momentum included), y_j = grad F(theta_{j+1}) - grad F(theta_j)
     (+ damping * s_j), all recomputed here; no extra gradient; the Gram matrix is fresh."""
     K, steps = 3, 8
-    p = Softmax(seed=1)
+    p = softmax(1)
     model = Recorder(p.model)
     if variant == "lbfgs":
-        opts, lam, lr = dict(LBFGS, memory=K), 0.0, 0.5
+        keys, lam, lr = dict(LBFGS, memory=K), 0.0, 0.5
     else:
-        opts = dict(pairs="history", memory=K, momentum=0.5, damping=0.1, newton_lr=0.5,
+        keys = dict(pairs="history", memory=K, momentum=0.5, damping=0.1, newton_lr=0.5,
                     line_search="none", h0="lr", max_step_ratio=10.0)
         lam, lr = 0.1, 0.3
     theta = p.theta.copy()
-    opt = make(model, theta, comm, full_batch=True, **opts)
+    opt, objective = make(model, theta, comm, full_batch=True, **keys)
+    assert opt.source.cost() == 0.0
     thetas = [theta.copy()]
     fallbacks = []
     for t in range(steps):
         model.grad_rows.clear()
-        info, g = take_step(opt, model, theta, p.x, p.y, lr)
+        info, g, used = take_step(opt, objective, theta, p.x, p.y, lr)
         thetas.append(theta.copy())
         fallbacks.append(info.reason)
-        assert opt.grad_evals_per_step == 1.0
-        assert model.grad_rows == [len(p.y)]                  # the test's own gradient only
-        assert info.grad_seconds == 0.0
-        np.testing.assert_array_equal(opt.W[0], g)
-        assert (opt.filled, opt.next_slot, opt.pending, opt.steps) == (min(t, K), t % K,
-                                                                       False, t + 1)
+        assert used["grad_evals"] == 1.0                      # no extra gradient
+        assert model.grad_rows == [len(p.y)]                  # the step's own gradient only
+        np.testing.assert_array_equal(opt.memory.W[0], g)
+        assert ring(opt) == (min(t, K), t % K, False, t + 1)
         for q in range(K):
             s_row, y_row = slot_pair(opt, q)
             held = [j for j in range(t) if j % K == q]           # pairs that went to slot q
@@ -197,16 +147,17 @@ def test_full_batch_ring_holds_the_steps_taken_and_the_gradient_changes(comm, va
 @pytest.mark.parametrize("T", [2, 3])
 def test_full_batch_pairs_only_from_steps_at_multiples_of_probe_every(comm, T):
     """probe_every T: only the steps t with t % T == 0 give a pair (committed at step t+1)."""
-    p = Softmax(seed=2)
+    p = softmax(2)
     K = 2
     theta = p.theta.copy()
-    opt = make(p.model, theta, comm, full_batch=True, **LBFGS, memory=K, probe_every=T)
+    opt, objective = make(p.model, theta, comm, full_batch=True, **LBFGS, memory=K,
+                          probe_every=T)
     thetas = [theta.copy()]
     for t in range(3 * T + 2):
-        take_step(opt, p.model, theta, p.x, p.y, 0.5)
+        _, _, used = take_step(opt, objective, theta, p.x, p.y, 0.5)
         thetas.append(theta.copy())
         formed = [j for j in range(t) if j % T == 0]             # pairs committed so far
-        assert opt.filled == min(len(formed), K) and opt.grad_evals_per_step == 1.0
+        assert opt.memory.filled == min(len(formed), K) and used["grad_evals"] == 1.0
         for i, j in enumerate(formed[-K:]):
             s_row, y_row = slot_pair(opt, (len(formed) - len(formed[-K:]) + i) % K)
             s = thetas[j + 1] - thetas[j]
@@ -218,12 +169,12 @@ def test_full_batch_pairs_only_from_steps_at_multiples_of_probe_every(comm, T):
 
 # ----- the step direction against independent references -------------------------------------
 def softmax_problem():
-    p = Softmax(seed=0, rows=40)
+    p = softmax(0, rows=40)
     return p.model, p.theta.copy(), p.x, p.y, 0.5
 
 
 def quadratic_problem():
-    A, b = spd(6, seed=7)
+    A, b, _ = spd(6, seed=7)
     return Quadratic(A, b), np.random.default_rng(8).standard_normal(6), DUMMY_X, DUMMY_Y, 0.05
 
 
@@ -236,9 +187,9 @@ def test_one_pair_gives_the_lbfgs_two_loop_step(comm, problem):
     tr(S^T Y) / tr(Y^T Y) over the kept pairs, is exactly this)."""
     inner, theta, x, y, lr = problem()
     model = Recorder(inner)
-    opt = make(model, theta, comm, full_batch=True, **LBFGS, memory=5)
+    opt, objective = make(model, theta, comm, full_batch=True, **LBFGS, memory=5)
     theta0 = theta.copy()
-    info, g0 = take_step(opt, model, theta, x, y, lr)
+    info, g0, _ = take_step(opt, objective, theta, x, y, lr)
     assert info.reason == "no_pairs" and model.trials == []
     np.testing.assert_array_equal(theta, theta0 - lr * g0)
     theta1 = theta.copy()
@@ -246,12 +197,12 @@ def test_one_pair_gives_the_lbfgs_two_loop_step(comm, problem):
     inner.loss_grad(theta1, x, y, g1)
     s, yv = theta1 - theta0, g1 - g0
     assert s @ yv > 0
-    info, _ = take_step(opt, model, theta, x, y, lr)
+    info, _, used = take_step(opt, objective, theta, x, y, lr)
     assert info.reason is None and info.rank_kept == 1 and not opt.counts["clipped"]
     d = theta1 - model.trials[0]
     want = two_loop([s], [yv], g1, (s @ yv) / (yv @ yv))
     assert rel(d, want) < 1e-10, rel(d, want)
-    if info.forward_evals == 1:                                  # the unit step was taken
+    if used["forward_evals"] == 1:                               # the unit step was taken
         np.testing.assert_array_equal(theta, model.trials[0])
 
 
@@ -261,21 +212,21 @@ def test_several_pairs_give_the_block_bfgs_step_of_algorithm_md(comm):
     included: the kept count must agree). With one pair this is also L-BFGS (above); with
     several it is not the two-loop recursion, which the last check makes sure this
     problem can tell apart (so a two-loop implementation would fail here)."""
-    K, tau = 4, options()["curvature_tol"]
+    K, tau = 4, optim_options().curvature_tol
     inner, theta, x, y, lr = softmax_problem()
     model = Recorder(inner)
-    opt = make(model, theta, comm, full_batch=True, **LBFGS, memory=K)
+    opt, objective = make(model, theta, comm, full_batch=True, **LBFGS, memory=K)
     thetas, grads, compared, lbfgs_gap = [], [], 0, 0.0
     for t in range(10):
         thetas.append(theta.copy())
         model.trials.clear()
-        info, g = take_step(opt, model, theta, x, y, lr)
+        info, g, _ = take_step(opt, objective, theta, x, y, lr)
         grads.append(g)
         if t == 0:
             continue
         S = [thetas[j + 1] - thetas[j] for j in range(max(0, t - K), t)]
         Y = [grads[j + 1] - grads[j] for j in range(max(0, t - K), t)]
-        want, kept = block_bfgs(S, Y, g, tau)
+        want, kept = block_bfgs(g, np.array(S).T, np.array(Y).T, "bb", tau)
         assert info.rank_kept == kept, (t, info, kept)
         if info.reason is not None:
             continue
@@ -302,15 +253,15 @@ def test_quadratic_reaches_the_minimiser_in_n_plus_2_steps(comm, n):
     curvature_tol 1e-12: with the default 1e-6 the filter drops directions of such pairs
     and n = 8 took up to 28 steps."""
     for seed in range(6):
-        A, b = spd(n, seed, 1.0, 100.0)
+        A, b, _ = spd(n, seed, low=1.0, high=100.0)
         minimiser = np.linalg.solve(A, b)
         model = Quadratic(A, b)
         theta = np.random.default_rng(seed + 100).standard_normal(n)
-        opt = make(model, theta, comm, full_batch=True, **LBFGS, memory=n,
-                   curvature_tol=1e-12)
+        opt, objective = make(model, theta, comm, full_batch=True, **LBFGS, memory=n,
+                              curvature_tol=1e-12)
         errors = []
         for _ in range(n + 2):
-            take_step(opt, model, theta, DUMMY_X, DUMMY_Y, 0.005)
+            take_step(opt, objective, theta, DUMMY_X, DUMMY_Y, 0.005)
             errors.append(np.linalg.norm(theta - minimiser) / max(1.0, np.linalg.norm(minimiser)))
         assert errors[n - 1] > 1e-4, (seed, errors)            # not there before the n-th pair
         assert errors[n] < 1e-5, (seed, errors)                # Newton's step, to roundoff
@@ -320,39 +271,39 @@ def test_quadratic_reaches_the_minimiser_in_n_plus_2_steps(comm, n):
 # ----- below full batch ----------------------------------------------------------------------
 def test_below_full_batch_pairs_are_measured_on_the_steps_batch_and_committed_next_step(comm):
     """Batches of 16 of 60 rows, probe_every 3, memory 2: on steps t % 3 == 0 the optimizer
-    differentiates the step's batch once more at the new point (16 rows, grad_evals 2) and
-    keeps s = theta_{t+1} - theta_t, y = g_B(theta_{t+1}) - g_B(theta_t) (recomputed here on
-    that batch B) pending in the next slot; step t+1 commits it unchanged; other steps cost
-    one gradient and touch no slot."""
+    differentiates the step's batch once more at the new point (16 rows more, grad_evals 2)
+    and keeps s = theta_{t+1} - theta_t, y = g_B(theta_{t+1}) - g_B(theta_t) (recomputed
+    here on that batch B) pending in the next slot; step t+1 commits it unchanged; other
+    steps cost one gradient and touch no slot."""
     T, K = 3, 2
-    p = Softmax(seed=3, batch=16)
+    p = softmax(3, batch=16)
     model = Recorder(p.model)
     theta = p.theta.copy()
-    opt = make(model, theta, comm, full_batch=False, **LBFGS, memory=K, probe_every=T)
+    opt, objective = make(model, theta, comm, full_batch=False, **LBFGS, memory=K,
+                          probe_every=T)
+    assert opt.source.cost() == 1.0
+    memory = opt.memory
     committed = 0
     pending = None                                # (slot, s, y) measured on the last step
     for t in range(3 * T + 2):
         x, y = p.draw()
-        before, W_before = theta.copy(), opt.W.copy()
-        g = p.grad(before, x, y)
+        before, W_before = theta.copy(), memory.W.copy()
         model.grad_rows.clear()
-        opt.observe(theta, g, 0.5, x, y)
+        _, g, used = take_step(opt, objective, theta, x, y, 0.5)
         forming = t % T == 0
-        assert opt.probing == forming
-        assert opt.grad_evals_per_step == (2.0 if forming else 1.0)
-        info = opt.step(theta, g, 0.5, x, y, float(p.model.loss(before, x, y)))
-        assert model.grad_rows == ([len(y)] if forming else []), (t, model.grad_rows)
-        assert (info.grad_seconds > 0) == forming
+        assert opt.source.forming == forming
+        assert used["grad_evals"] == (2.0 if forming else 1.0)
+        assert model.grad_rows == [len(y)] * (2 if forming else 1), (t, model.grad_rows)
         if pending is not None:                   # committed by this step, unchanged
             committed += 1
             q, s, yv = pending
             np.testing.assert_array_equal(np.stack(slot_pair(opt, q)), np.stack([s, yv]))
-        assert opt.filled == min(committed, K)
+        assert memory.filled == min(committed, K)
         changed = {q for q in range(K) if not np.array_equal(
             np.stack(slot_pair(opt, q)), W_before[1 + 2 * q:3 + 2 * q])}
         if forming:
             q = committed % K
-            assert opt.pending and opt.next_slot == q and changed <= {q}
+            assert opt.source.pending and memory.next_slot == q and changed <= {q}
             s_row, y_row = slot_pair(opt, q)
             s = theta - before
             yv = p.grad(theta, x, y) - g
@@ -362,11 +313,11 @@ def test_below_full_batch_pairs_are_measured_on_the_steps_batch_and_committed_ne
             assert rel(y_row, p.grad(theta, x2, y2) - g) > 1e-2
             pending = (q, s_row.copy(), y_row.copy())
         else:
-            assert not opt.pending and changed == set(), (t, changed)
+            assert not opt.source.pending and changed == set(), (t, changed)
             pending = None
         assert_gram_fresh(opt)
-        assert [int(v) for v in opt.state()["ring"]] == [opt.filled, opt.next_slot, t + 1,
-                                                         int(opt.pending)]
+        assert [int(v) for v in opt.state()["ring"]] == [memory.filled, memory.next_slot,
+                                                         t + 1, int(opt.source.pending)]
     assert committed == 4
 
 
@@ -374,14 +325,14 @@ def test_below_full_batch_every_step_forms_a_pair(comm):
     """probe_every 1: every step costs 2 gradients and adds one pair; after t steps the ring
     holds min(t - 1, K) committed pairs and one pending."""
     K = 3
-    p = Softmax(seed=4, batch=12)
+    p = softmax(4, batch=12)
     theta = p.theta.copy()
-    opt = make(p.model, theta, comm, full_batch=False, **LBFGS, memory=K)
+    opt, objective = make(p.model, theta, comm, full_batch=False, **LBFGS, memory=K)
     for t in range(7):
         x, y = p.draw()
-        take_step(opt, p.model, theta, x, y, 0.5)
-        assert opt.grad_evals_per_step == 2.0 and opt.pending
-        assert opt.filled == min(t, K) and opt.next_slot == t % K
+        _, _, used = take_step(opt, objective, theta, x, y, 0.5)
+        assert used["grad_evals"] == 2.0 == 1 + opt.source.cost() and opt.source.pending
+        assert opt.memory.filled == min(t, K) and opt.memory.next_slot == t % K
 
 
 # ----- state ---------------------------------------------------------------------------------
@@ -391,20 +342,20 @@ def test_state_round_trip_continues_exactly_and_keeps_history(comm, full_batch, 
     """state() after 5 steps (below full batch: a pending pair in it) loaded into a fresh
     optimizer, also with same_layout False (another rank count): the next 4 steps are
     bitwise those of the uninterrupted optimizer."""
-    p = Softmax(seed=5, batch=60 if full_batch else 16)
+    p = softmax(5, batch=60 if full_batch else 16)
     batches = [p.draw() for _ in range(9)]
     theta = p.theta.copy()
-    opt = make(p.model, theta, comm, full_batch=full_batch, **LBFGS, memory=3)
+    opt, objective = make(p.model, theta, comm, full_batch=full_batch, **LBFGS, memory=3)
     for x, y in batches[:5]:
-        take_step(opt, p.model, theta, x, y, 0.5)
+        take_step(opt, objective, theta, x, y, 0.5)
     saved = {k: np.array(v, copy=True) for k, v in opt.state().items()}
     assert len(saved["ring"]) == 4 and bool(saved["ring"][3]) == (not full_batch)
     theta2 = theta.copy()
-    opt2 = make(p.model, theta2, comm, full_batch=full_batch, **LBFGS, memory=3)
+    opt2, objective2 = make(p.model, theta2, comm, full_batch=full_batch, **LBFGS, memory=3)
     opt2.load_state(saved, same_layout=same_layout)
     for x, y in batches[5:]:
-        take_step(opt, p.model, theta, x, y, 0.5)
-        take_step(opt2, p.model, theta2, x, y, 0.5)
+        take_step(opt, objective, theta, x, y, 0.5)
+        take_step(opt2, objective2, theta2, x, y, 0.5)
     np.testing.assert_array_equal(theta2, theta)
     for k, v in opt.state().items():
         np.testing.assert_array_equal(opt2.state()[k], v, err_msg=k)
@@ -413,29 +364,27 @@ def test_state_round_trip_continues_exactly_and_keeps_history(comm, full_batch, 
 def test_probe_pairs_are_dropped_on_another_layout_but_history_is_not(comm):
     """The control of the test above: for pairs = "probe" same_layout False starts the
     memory empty, so the round trip does tell the two apart."""
-    p = Softmax(seed=6)
+    p = softmax(6)
     theta = p.theta.copy()
-    opt = make(p.model, theta, comm, full_batch=False, memory=2, probe_lr=0.01)
+    opt, objective = make(p.model, theta, comm, full_batch=False, memory=2, probe_lr=0.01)
     for _ in range(3):
-        take_step(opt, p.model, theta, *p.draw(), 0.1)
-    opt2 = make(p.model, theta.copy(), comm, full_batch=False, memory=2, probe_lr=0.01)
+        take_step(opt, objective, theta, *p.draw(), 0.1)
+    opt2, _ = make(p.model, theta.copy(), comm, full_batch=False, memory=2, probe_lr=0.01)
     opt2.load_state(opt.state(), same_layout=False)
-    assert opt.filled == 2 and opt2.filled == 0 and not opt2.W.any()
+    assert opt.memory.filled == 2 and opt2.memory.filled == 0 and not opt2.memory.W.any()
 
 
 # ----- configuration -------------------------------------------------------------------------
 @pytest.mark.parametrize("override, key", [("optim.pairs_per_rank=2", "pairs_per_rank"),
                                            ("optim.probe_batch=0.5", "probe_batch")])
 def test_history_refuses_pairs_per_rank_and_probe_batch(override, key):
-    with pytest.raises(UsageError, match=f"optim.{key}") as caught:
+    """Refused, naming the key and where it applies (pairs = 'probe'), and fine there."""
+    with pytest.raises(UsageError, match=f"optim.{key} = .* does not apply") as caught:
         config.load(None, ["optim.name=secant", "optim.pairs=history", override])
-    assert "history" in str(caught.value)
+    assert "applies with optim.name = 'secant' with pairs = 'probe'" in str(caught.value)
     config.load(None, ["optim.name=secant", "optim.pairs=probe", override])  # fine there
 
 
 def test_history_with_the_intended_lbfgs_options_is_valid():
-    cfg = config.load(None, ["optim.name=secant", "optim.pairs=history",
-                             "optim.line_search=armijo", "optim.newton_lr=1", "optim.momentum=0",
-                             "optim.damping=0", "optim.h0=bb", "optim.max_step_ratio=1e4",
-                             "optim.memory=10", "optim.probe_every=2"])
-    assert cfg["optim"]["pairs"] == "history" and cfg["optim"]["memory"] == 10
+    opts = optim_options(**LBFGS, memory=10, probe_every=2)
+    assert opts.pairs == "history" and opts.memory == 10 and opts.probe_every == 2

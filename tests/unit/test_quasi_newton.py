@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from harness import bfgs_matrix, rel
 
 from hessmpi.optim.quasi_newton import FALLBACK_REASONS, Direction, direction
 
@@ -42,19 +43,6 @@ def qn(g, S, Y, *, eta=0.1, curvature="bfgs", curvature_tol=1e-6, h0="lr", lsq_m
     return res, d
 
 
-def rel(a, b) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def dense_bfgs_matrix(S, Y, h):
-    """H+ = S D^-1 S^T + (I - S D^-1 Y^T) h I (I - Y D^-1 S^T), D = sym(S^T Y), as n x n."""
-    n = S.shape[0]
-    D = 0.5 * (S.T @ Y + Y.T @ S)
-    Di = np.linalg.inv(D)
-    L = np.eye(n) - S @ Di @ Y.T
-    return S @ Di @ S.T + h * L @ L.T
-
-
 def projector(S):
     """Orthogonal projector on span(S) from a QR factorisation (S of full column rank)."""
     q, _ = np.linalg.qr(S)
@@ -64,7 +52,7 @@ def projector(S):
 def dense_direction(g, S, Y, *, curvature, h, lsq_mu_abs=0.0):
     """The step rules of ALGORITHM.md s.2 written with n x n matrices (no filter, no clip)."""
     if curvature == "bfgs":
-        return dense_bfgs_matrix(S, Y, h) @ g
+        return bfgs_matrix(S, Y, h) @ g
     if curvature == "lsq":
         m = S.shape[1]
         b = np.linalg.solve(Y.T @ Y + lsq_mu_abs * np.eye(m), Y.T @ g)
@@ -133,7 +121,7 @@ def test_bfgs_with_exact_pairs_satisfies_the_secant_equations():
     Y = A @ S
     g = rng.standard_normal(n)
     eta = 0.05
-    H = dense_bfgs_matrix(S, Y, eta)
+    H = bfgs_matrix(S, Y, eta)
     assert rel(H @ Y, S) < 1e-12                      # H+ Y = S
     res, d = qn(g, S, Y, eta=eta)
     assert res.reason is None and res.kept == m
@@ -145,7 +133,7 @@ def test_bfgs_with_noisy_pairs_is_the_dense_formula_but_not_secant():
     n, m = 12, 4
     _, S, Y = noisy_pairs(rng, n, m, noise=0.3)
     g = rng.standard_normal(n)
-    H = dense_bfgs_matrix(S, Y, 0.05)
+    H = bfgs_matrix(S, Y, 0.05)
     res, d = qn(g, S, Y, eta=0.05)
     assert res.reason is None
     assert rel(d, H @ g) < 1e-12
@@ -233,11 +221,11 @@ def test_filter_keeps_exactly_the_eigenvalues_above_tau_times_the_largest():
         # the kept directions: BFGS on the rotated, kept pairs only
         keep = np.argsort(lam)[::-1][:kept]
         Sk, Yk = S @ q[:, keep], Y @ q[:, keep]
-        assert rel(d, dense_bfgs_matrix(Sk, Yk, 0.1) @ g) < 1e-8    # cond(D) up to 5e6
+        assert rel(d, bfgs_matrix(Sk, Yk, 0.1) @ g) < 1e-8    # cond(D) up to 5e6
         # h0 = bb is taken over the kept, rotated pairs only
         res, d = qn(g, S, Y, curvature_tol=tau, h0="bb")
         assert res.kept == kept
-        assert rel(d, dense_bfgs_matrix(Sk, Yk, bb_h0(Sk, Yk)) @ g) < 1e-8
+        assert rel(d, bfgs_matrix(Sk, Yk, bb_h0(Sk, Yk)) @ g) < 1e-8
 
 
 # ----- invariances ----------------------------------------------------------------------------
