@@ -368,9 +368,14 @@ def _check_applicable(cfg: dict, given: set[tuple[str, str]]) -> None:
     for section, key in sorted(given):
         opt = SCHEMA[section][key]
         if cfg[section][key] != opt.default and not applies(cfg, section, key):
-            raise UsageError(f"config key {section}.{key} = {cfg[section][key]!r} does not "
-                             f"apply with {section}.name = {cfg[section]['name']!r}: it "
-                             f"applies with {_where(section, opt.applies)}; remove it")
+            table = cfg[section]
+            ruling = dict.fromkeys(k for alternatives in opt.applies.values()
+                                   for conditions in alternatives for k in conditions)
+            here = ", ".join([f"{section}.name = {table['name']!r}",
+                              *(f"{k} = {table[k]!r}" for k in ruling)])
+            raise UsageError(f"config key {section}.{key} = {table[key]!r} does not apply "
+                             f"with {here}: it applies with {_where(section, opt.applies)}; "
+                             "remove it")
 
 
 def fixed_keys_differ(a: dict, b: dict) -> list[str]:

@@ -18,7 +18,7 @@ from hessmpi.optim.base import StepInfo
 from hessmpi.optim.exchange import build_exchange
 from hessmpi.optim.memory import PairMemory
 from hessmpi.optim.quasi_newton import deflation
-from hessmpi.optim.secant import fallback_counts
+from hessmpi.optim.secant import fallback_counts, load_common
 
 
 class BasisProbes:
@@ -66,11 +66,15 @@ class BasisProbes:
             y_rows[j] -= objective.grad
             y_rows[j] /= eps
 
-    def after_reduce(self, memory: PairMemory) -> int | None:
+    def after_reduce(self, theta, grad, memory: PairMemory, damping: float, last_step
+                     ) -> int | None:
         if not self.forming:
             return None
         self.exchange.share(memory.slot(0))
         return memory.commit()
+
+    def after_step(self, theta, objective, memory, last_step) -> None:
+        pass
 
 
 class Deflated:
@@ -103,12 +107,7 @@ class Deflated:
                 "next_basis": np.full((m, m), np.nan) if nxt is None else nxt}
 
     def load_state(self, state: dict, same_layout: bool) -> None:
-        self.velocity[...] = self.xp.asarray(state["velocity"])
-        ring = [int(v) for v in state["ring"]]
-        self.steps = ring[2]
-        saved = [int(c) for c in state["counts"]]
-        self.counts = dict(zip(self.counts, saved + [0] * (len(self.counts) - len(saved)),
-                               strict=True))
+        ring = load_common(self, state)
         if same_layout:
             self.memory.load_state(state, filled=ring[0], next_slot=ring[1])
         nxt = np.asarray(state["next_basis"])
@@ -131,7 +130,7 @@ class Deflated:
         source.before_reduce(self.steps, theta, objective, lr, memory)
         loss = objective.reduce_gradient(loss)
         grad = objective.grad
-        slot = source.after_reduce(memory)
+        slot = source.after_reduce(theta, grad, memory, 0.0, self.velocity)
         memory.set_gradient(grad)
         memory.update_gram(slot)
         v_idx, y_idx = memory.pair_indices()

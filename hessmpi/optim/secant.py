@@ -32,6 +32,19 @@ def fallback_counts() -> dict[str, int]:
     return dict.fromkeys((*FALLBACK_REASONS, "clipped", "no_decrease"), 0)
 
 
+def load_common(opt, state: dict) -> list[int]:
+    """Restore what every quasi-Newton method keeps alike: the velocity, the step count and
+    the counts (counters added since an older checkpoint start at 0); returns the ring
+    (filled, next slot, steps, pending)."""
+    opt.velocity[...] = opt.xp.asarray(state["velocity"])
+    ring = [int(v) for v in state["ring"]]
+    opt.steps = ring[2]
+    saved = [int(c) for c in state["counts"]]
+    opt.counts = dict(zip(opt.counts, saved + [0] * (len(opt.counts) - len(saved)),
+                          strict=True))
+    return ring
+
+
 def build_line_search(opts, like):
     """The line search of ``opts.line_search``, or None."""
     if opts.line_search == "armijo":
@@ -74,12 +87,7 @@ class Secant:
         """With another rank count (``same_layout`` false) the workers' pairs do not fit the
         ring and the memory starts empty; history pairs do not depend on the rank count and
         are kept."""
-        self.velocity[...] = self.xp.asarray(state["velocity"])
-        ring = [int(v) for v in state["ring"]]
-        self.steps = ring[2]
-        saved = [int(c) for c in state["counts"]]
-        self.counts = dict(zip(self.counts, saved + [0] * (len(self.counts) - len(saved)),
-                               strict=True))
+        ring = load_common(self, state)
         if same_layout or self.source.independent_of_ranks:
             self.memory.load_state(state, filled=ring[0], next_slot=ring[1])
             self.source.pending = bool(ring[3]) if len(ring) > 3 else False

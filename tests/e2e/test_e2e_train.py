@@ -194,6 +194,7 @@ def test_non_finite_loss_stops_the_run(tmp_path, dataset):
     out = tmp_path / "diverged"
     result = train("--set", f"data.path={dataset}", "--set", "model.name=mlp",
                    "--set", "model.hidden=[16]", "--set", "optim.lr=1e6",
+                   "--set", "train.max_loss_ratio=0",     # let it reach a non-finite loss
                    "--set", "train.steps=200", "--set", "train.log_every=1",
                    "--set", "train.batch_size=16", "--out", out)
     assert result.rc == 1, str(result)

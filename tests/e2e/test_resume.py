@@ -601,7 +601,7 @@ def test_nan_loss_exits_1_keeps_the_last_good_checkpoint(data, tmp_path):
     sets = [s for s in base_sets(data) if not s.startswith(("checkpoint.every",
                                                              "train.log_every", "optim.lr"))]
     result = new_run(out, [*sets, "optim.lr=1e6", "checkpoint.every=1", "train.log_every=1",
-                           f"train.steps={N}"])
+                           f"train.steps={N}", "train.max_loss_ratio=0"])
     assert result.rc == 1, str(result)
     line = one_error_line(result, "run failed", "optim.lr")
     failed_files = sorted(out.glob("failed_state_step_*.h5"))

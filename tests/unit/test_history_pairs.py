@@ -181,17 +181,21 @@ def quadratic_problem():
 @pytest.mark.parametrize("problem", [softmax_problem, quadratic_problem],
                          ids=["softmax-l2", "quadratic"])
 def test_one_pair_gives_the_lbfgs_two_loop_step(comm, problem):
-    """Step 0 is the SGD step (no pair yet); step 1 holds one pair. Its first trial point
-    (newton_lr 1, momentum 0) is theta - H g with H the two-loop recursion on the pair that
-    the test recomputes, H0 = s^T y / y^T y (with one pair, h0 = "bb" of quasi_newton.py,
-    tr(S^T Y) / tr(Y^T Y) over the kept pairs, is exactly this)."""
+    """Step 0 is the searched SGD step (no pair yet: from lr, halving); step 1 holds one
+    pair. Its first trial point (newton_lr 1, momentum 0) is theta - H g with H the two-loop
+    recursion on the pair that the test recomputes, H0 = s^T y / y^T y (with one pair,
+    h0 = "bb" of quasi_newton.py, tr(S^T Y) / tr(Y^T Y) over the kept pairs, is exactly
+    this)."""
     inner, theta, x, y, lr = problem()
     model = Recorder(inner)
     opt, objective = make(model, theta, comm, full_batch=True, **LBFGS, memory=5)
     theta0 = theta.copy()
     info, g0, _ = take_step(opt, objective, theta, x, y, lr)
-    assert info.reason == "no_pairs" and model.trials == []
-    np.testing.assert_array_equal(theta, theta0 - lr * g0)
+    assert info.reason == "no_pairs" and len(model.trials) >= 1
+    t = lr / 2 ** (len(model.trials) - 1)
+    np.testing.assert_array_equal(model.trials[-1], theta0 - t * g0)
+    np.testing.assert_array_equal(theta, theta0 - t * g0)
+    model.trials.clear()
     theta1 = theta.copy()
     g1 = np.empty_like(theta)
     inner.loss_grad(theta1, x, y, g1)

@@ -142,30 +142,38 @@ def test_accepted_step_satisfies_armijo_and_every_larger_trial_did_not(comm):
     assert opt.counts["line_search"] == 0
 
 
-def test_rejected_line_search_falls_back_to_the_sgd_step_with_momentum(comm):
+def test_rejected_line_search_falls_back_to_a_searched_sgd_step(comm):
+    """Three rejected trials of the quasi-Newton step; then the SGD step, searched too
+    (issue 15): momentum dropped, the first trial t g no longer than the last step
+    (t = min(lr, ||v|| / ||g||)), halved until F(theta - t g) <= F0 - c1 t ||g||^2."""
     beta, lr = 0.5, 0.05
     v0 = np.array([0.01, -0.02, 0.005])
     before, theta, g, v_before, opt, info, forward, model = huber_step(
         comm, trials=3, momentum=beta, velocity=v0, lr=lr)
     assert info.fallback == 1 and info.reason == "line_search"
-    assert forward == 3 and len(model.trials) == 3
-    assert opt.counts["line_search"] == 1
+    assert opt.counts["line_search"] == 1 and opt.counts["no_decrease"] == 0
     np.testing.assert_array_equal(v_before, v0)
-    # every trial was theta - (beta v + t d) and failed the Armijo test the code states
+    # the first three trials were theta - (beta v + t d) and failed the Armijo test
     F0 = PseudoHuber.value(before)
-    for j, point in enumerate(model.trials):
+    for j, point in enumerate(model.trials[:3]):
         u_j = before - point - beta * v0
         assert rel(u_j, PseudoHuber.newton_step(before) / 2**j) < 1e-2
         assert PseudoHuber.value(point) > F0 - C1 * float(g @ u_j)
-    # the SGD step with momentum semantics, bitwise: v <- beta v + lr g, theta <- theta - v
-    v = beta * v0 + lr * g
-    np.testing.assert_array_equal(opt.velocity, v)
-    np.testing.assert_array_equal(theta, before - v)
+    # the fallback's trials, by hand
+    t = min(lr, float(np.linalg.norm(v0) / np.linalg.norm(g)))
+    halvings = 0
+    while PseudoHuber.value(before - t * g) > F0 - C1 * t * float(g @ g):
+        t, halvings = t / 2, halvings + 1
+    assert forward == 3 + halvings + 1 and len(model.trials) == forward
+    np.testing.assert_array_equal(opt.velocity, t * g)          # v <- 0 * beta + u
+    np.testing.assert_array_equal(theta, before - t * g)
+    assert PseudoHuber.value(theta) < F0
 
 
-def test_fallback_before_the_line_search_costs_no_forward_pass(comm):
-    """A concave quadratic: every pair has negative curvature, the filter keeps none, the
-    step is the SGD step and the line search never runs."""
+def test_a_fallback_before_the_line_search_is_searched_too(comm):
+    """A concave quadratic: every pair has negative curvature, the filter keeps none; the
+    SGD step is then searched: its first trial (t = lr, no step taken before) decreases F
+    and is taken, one forward pass."""
     n = 4
     A, b, _ = spd(n, seed=5)
     model = Recorder(Quadratic(-A, b))
@@ -176,7 +184,8 @@ def test_fallback_before_the_line_search_costs_no_forward_pass(comm):
     model.inner.loss_grad(theta, DUMMY_X, DUMMY_Y, grad)
     before = theta.copy()
     info, used = step(opt, objective, theta, 0.1)
-    assert info.reason == "no_curvature" and used["forward_evals"] == 0 and model.trials == []
+    assert info.reason == "no_curvature" and used["forward_evals"] == 1
+    np.testing.assert_array_equal(model.trials[0], before - 0.1 * grad)
     np.testing.assert_array_equal(theta, before - 0.1 * grad)
 
 
@@ -297,7 +306,8 @@ def test_bad_schedule_and_line_search_options_are_usage_errors(override):
 
 
 def test_local_pairs_refuse_a_probe_schedule():
-    for override, where in (("optim.probe_every=2", "pairs = 'probe' or 'history'"),
+    for override, where in (("optim.probe_every=2",
+                             "pairs = 'probe' or 'shared_probe' or 'history'"),
                             ("optim.probe_batch=0.5", "pairs = 'probe'")):
         key = override.split("=")[0]
         with pytest.raises(UsageError, match=f"{key} = .* does not apply") as caught:

@@ -7,44 +7,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mpi4py import MPI
+from harness import build
+from toymodels import Quadratic, Recorder, spd
 
-from hessmpi import config
-from hessmpi.comm import Communicator
 from hessmpi.models import DenseNet
 from hessmpi.objective import Objective
-from hessmpi.optim import Secant
 from hessmpi.optim.linesearch import Armijo, StrongWolfe
 
 
-@pytest.fixture
-def comm():
-    c = Communicator(MPI.COMM_SELF)
-    yield c
-    c.comm.Free()
-
-
-class Quadratic:
-    """F(theta) = 1/2 theta^T A theta - b^T theta, the batch ignored; ``bump``: a constant
-    added to every forward-only value (the line search's trials), so no trial can pass."""
-
-    xp, dtype = np, np.dtype(np.float64)
-
-    def __init__(self, A, b, bump=0.0):
-        self.A, self.b, self.bump, self.n_params = A, b, bump, len(b)
-
-    def loss(self, theta, x, y):
-        return 0.5 * theta @ self.A @ theta - self.b @ theta + self.bump
-
-    def loss_grad(self, theta, x, y, grad):
-        grad[...] = self.A @ theta - self.b
-        return 0.5 * theta @ self.A @ theta - self.b @ theta
-
-
-def quadratic(rng, n=6, cond=100.0, bump=0.0):
-    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    A = (q * np.logspace(0, np.log10(cond), n)) @ q.T
-    return Quadratic(A, rng.standard_normal(n), bump)
+def quadratic(seed, n=6, high=100.0) -> Quadratic:
+    A, b, _ = spd(n, seed, high=high)
+    return Quadratic(A, b)
 
 
 def objective_on(model, comm):
@@ -54,13 +27,12 @@ def objective_on(model, comm):
 
 
 def secant(theta, obj, **optim):
-    cfg = config.from_dict({"optim": {"name": "secant", **optim}})
-    return Secant(theta, obj, config.options(cfg, "optim"), seed=0)
+    return build(theta, obj, **optim)
 
 
 # ----- the line searches' conditions ---------------------------------------------------------
 def test_armijo_descend_takes_the_first_halving_with_sufficient_decrease(comm):
-    model = quadratic(np.random.default_rng(0))
+    model = quadratic(0)
     obj = objective_on(model, comm)
     theta = np.ones(model.n_params)
     f0 = obj.local_gradient(theta)
@@ -68,7 +40,7 @@ def test_armijo_descend_takes_the_first_halving_with_sufficient_decrease(comm):
     u = 1e3 * g
     assert Armijo(c1=1e-4, max_trials=5, like=theta).descend(obj, theta, g, u, f0)
     t = 1e3                                          # the same halvings, by hand
-    while model.loss(theta - t * g, 0, 0) > f0 - 1e-4 * t * (g @ g):
+    while model.loss(theta - t * g, None, None) > f0 - 1e-4 * t * (g @ g):
         t /= 2
     np.testing.assert_array_equal(u, t * g)
     assert obj.forward_evals == round(np.log2(1e3 / t)) + 1
@@ -77,7 +49,7 @@ def test_armijo_descend_takes_the_first_halving_with_sufficient_decrease(comm):
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0])
 def test_strong_wolfe_meets_both_conditions(comm, scale):
     rng = np.random.default_rng(1)
-    model = quadratic(rng, cond=1e3)
+    model = quadratic(1, high=1e3)
     obj = objective_on(model, comm)
     theta = rng.standard_normal(model.n_params)
     f0 = obj.local_gradient(theta)
@@ -89,7 +61,7 @@ def test_strong_wolfe_meets_both_conditions(comm, scale):
     t = float(u @ d / (d @ d))
     new = theta - t * d
     g_new = model.A @ new - model.b
-    assert model.loss(new, 0, 0) <= f0 - 1e-4 * t * (g @ d) + 1e-12
+    assert model.loss(new, None, None) <= f0 - 1e-4 * t * (g @ d) + 1e-12
     assert abs(g_new @ d) <= 0.9 * abs(g @ d) + 1e-12
 
 
@@ -98,7 +70,7 @@ def test_a_poisoned_memory_never_raises_the_objective(comm):
     """A pair that claims almost no curvature along a random s makes the quasi-Newton step
     enormous; the search fails and the searched SGD step still decreases F."""
     rng = np.random.default_rng(2)
-    model = quadratic(rng)
+    model = quadratic(2)
     obj = objective_on(model, comm)
     theta = rng.standard_normal(model.n_params)
     opt = secant(theta, obj, pairs="history", line_search="armijo", ls_max_trials=2,
@@ -108,15 +80,16 @@ def test_a_poisoned_memory_never_raises_the_objective(comm):
     s_rows[0] = rng.standard_normal(model.n_params)
     y_rows[0] = 1e-9 * s_rows[0]
     opt.memory.update_gram(opt.memory.commit())
-    before = float(model.loss(theta, 0, 0))
+    before = float(model.loss(theta, None, None))
     info = opt.step(theta, obj, 10.0)
     assert info.reason == "line_search"
-    assert float(model.loss(theta, 0, 0)) < before
+    assert float(model.loss(theta, None, None)) < before
 
 
 def test_no_trial_decreases_f_then_no_step_is_taken(comm):
     rng = np.random.default_rng(3)
-    model = quadratic(rng, bump=1e9)         # every trial looks worse than F(theta)
+    model = Recorder(quadratic(3))
+    model.spoil_loss = lambda call, value: value + 1e9   # every trial looks worse than F
     obj = objective_on(model, comm)
     theta = rng.standard_normal(model.n_params)
     start = theta.copy()
