@@ -28,13 +28,15 @@ $(VENV)/.installed: pyproject.toml
 $(DATA): | $(VENV)/.installed
 	$(BIN)/hessmpi data digits --out $@
 
-# The bundled example: the same MLP on the digits with SGD and with the secant method.
+# The bundled example: the same MLP on the digits at full batch, with SGD+momentum at its
+# best learning rate and with the recommended recipe; the report says by how much.
 run: install $(DATA)
-	rm -rf runs/example-sgd runs/example-secant
+	rm -rf runs/example-sgd runs/example-recipe
 	$(MPIEXEC) $(NP_FLAG) $(NP) $(BIN)/hessmpi train --config $(EXAMPLE) --out runs/example-sgd
-	$(MPIEXEC) $(NP_FLAG) $(NP) $(BIN)/hessmpi train --config $(EXAMPLE) --out runs/example-secant \
-	    --set optim.name=secant --set optim.lr=0.05
-	$(BIN)/hessmpi report runs/example-sgd runs/example-secant --plot runs/example.png
+	$(MPIEXEC) $(NP_FLAG) $(NP) $(BIN)/hessmpi train --config $(EXAMPLE) \
+	    --config jobs/configs/recommended_fullbatch.toml --out runs/example-recipe
+	$(BIN)/hessmpi report runs/example-sgd runs/example-recipe --baseline runs/example-sgd \
+	    --plot runs/example.png
 	@echo "plot of both runs: runs/example.png"
 
 test: install test-unit test-mpi test-e2e test-gpu test-slurm

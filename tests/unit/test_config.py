@@ -329,3 +329,21 @@ def test_batch_size_zero_means_the_whole_shard_and_negative_is_refused():
     assert config.load(None, ["train.batch_size=0"])["train"]["batch_size"] == 0
     with pytest.raises(UsageError, match="train.batch_size"):
         config.load(None, ["train.batch_size=-1"])
+
+
+def test_several_files_merge_in_order_and_are_checked_together(tmp_path):
+    """A model's file then the recommended recipe's: later files override; a key of the
+    first file that the second file's method does not read is refused."""
+    model = tmp_path / "model.toml"
+    model.write_text('[model]\nname = "mlp"\nhidden = [8]\n[optim]\nname = "sgd"\n'
+                     'lr = 0.5\nmomentum = 0.9\n')
+    recipe = Path(__file__).resolve().parents[2] / "jobs/configs/recommended_fullbatch.toml"
+    cfg = config.load([model, recipe])
+    assert cfg["model"]["hidden"] == [8] and cfg["optim"]["name"] == "secant"
+    assert (cfg["optim"]["lr"], cfg["optim"]["momentum"]) == (1.0, 0.0)
+    assert cfg["train"]["batch_size"] == 0
+    nesterov = tmp_path / "nesterov.toml"
+    nesterov.write_text('[optim]\nnesterov = true\n')
+    with pytest.raises(UsageError, match="optim.nesterov = True does not apply with "
+                                         "optim.name = 'secant'"):
+        config.load([nesterov, recipe])

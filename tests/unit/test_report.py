@@ -278,3 +278,26 @@ def test_plot_labels_axes_and_runs(tmp_path, monkeypatch):
 def test_plot_to_an_unwritable_place_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="cannot write"):
         report([make_run(tmp_path, "a", COLS)], plot_path=tmp_path / "no-dir" / "p.png")
+
+
+def test_baseline_gives_ratios_to_its_final_loss(tmp_path):
+    """The baseline's final training loss (1.0 at step 40, 8 s) is the target: the other
+    run reaches it at step 20 (3 s), i.e. 0.5x the steps and 0.375x the wall time; a run
+    that never reaches it gets '-'; a baseline not listed is added first."""
+    base = make_run(tmp_path, "base", COLS | {"train_loss": [3.0, 2.0, 1.5, 1.0],
+                                              "wall_time": [2.0, 4.0, 6.0, 8.0]})
+    fast = make_run(tmp_path, "fast", COLS | {"train_loss": [2.0, 0.9, 0.5, 0.4],
+                                              "wall_time": [1.5, 3.0, 4.5, 6.0]})
+    slow = make_run(tmp_path, "slow", COLS | {"train_loss": [3.0, 2.5, 2.0, 1.5]})
+    table = tmp_path / "table.csv"
+    text = report([fast, slow], table, baseline=base)
+    with open(table) as f:
+        rows = {row["run"]: row for row in csv.DictReader(f)}
+    assert list(rows) == [str(base), str(fast), str(slow)]
+    assert float(rows[str(base)]["x_steps"]) == float(rows[str(base)]["x_wall"]) == 1.0
+    assert float(rows[str(fast)]["x_steps"]) == 0.5
+    assert float(rows[str(fast)]["x_wall"]) == 0.375
+    assert math.isnan(float(rows[str(slow)]["x_steps"]))
+    assert f"{fast} reached the training loss 1 of {base} in 0.50x its steps (20 against " \
+        "40) and 0.38x its wall time" in text
+    assert f"{slow} reached the training loss 1 of {base} not within its steps" in text
