@@ -62,6 +62,7 @@ def _either(*rules: dict) -> dict[str, tuple[dict[str, tuple], ...]]:
 
 
 SGD, SECANT, DEFLATED = "sgd", "secant", "deflated"
+HESSIAN_FREE, ENTROPY_SGD = "hessian_free", "entropy_sgd"
 QUASI_NEWTON = (SECANT, DEFLATED)
 
 
@@ -87,12 +88,16 @@ SCHEMA: dict[str, dict[str, Option]] = {
     },
     "optim": {
         "name": Option("sgd", "str", "optimizer: data-parallel SGD, SGD accelerated by the "
-                       "workers' secant pairs, or the deflated variant that tracks the top "
-                       "Hessian eigenspace (ALGORITHM.md s.1-2, 7)",
-                       choices=(SGD, SECANT, DEFLATED), fixed=True),
+                       "workers' secant pairs, the deflated variant that tracks the top "
+                       "Hessian eigenspace (ALGORITHM.md s.1-2, 7), and the comparators "
+                       "distributed Hessian-free and Entropy-SGD (s.5)",
+                       choices=(SGD, SECANT, DEFLATED, HESSIAN_FREE, ENTROPY_SGD),
+                       fixed=True),
         "lr": Option(0.1, "float", "SGD learning rate eta", low=0.0, low_open=True),
-        "momentum": Option(0.9, "float", "momentum (for secant: beta of the momentum on d)",
-                           low=0.0, high=0.999999),
+        "momentum": Option(0.9, "float", "momentum (for secant: beta of the momentum on d; "
+                           "for entropy_sgd: Nesterov's on the outer step)",
+                           low=0.0, high=0.999999,
+                           applies=_on(SGD, SECANT, DEFLATED, ENTROPY_SGD)),
         "nesterov": Option(False, "bool", "Nesterov momentum", applies=_on(SGD)),
         "weight_decay": Option(0.0, "float", "decoupled from the objective: added to the gradient",
                                low=0.0, applies=_on(SGD)),
@@ -165,12 +170,39 @@ SCHEMA: dict[str, dict[str, Option]] = {
                               applies=_on(SECANT, pairs=("probe", "shared_probe", "history"))),
         "ls_c1": Option(1e-4, "float", "c1 of the sufficient-decrease condition", low=0.0,
                         low_open=True, high=1.0,
-                        applies=_on(SECANT, line_search=("armijo", "wolfe"))),
+                        applies=_either(_on(SECANT, line_search=("armijo", "wolfe")),
+                                        _on(HESSIAN_FREE))),
         "ls_c2": Option(0.9, "float", "c2 of the strong Wolfe curvature condition", low=0.0,
                         low_open=True, high=1.0, applies=_on(SECANT, line_search=("wolfe",))),
-        "ls_max_trials": Option(5, "int", "trials of the quasi-Newton step before the SGD "
-                                "fallback", low=1,
-                                applies=_on(SECANT, line_search=("armijo", "wolfe"))),
+        "ls_max_trials": Option(5, "int", "trials of the quasi-Newton (Hessian-free: CG) "
+                                "step before the SGD fallback", low=1,
+                                applies=_either(_on(SECANT, line_search=("armijo", "wolfe")),
+                                                _on(HESSIAN_FREE))),
+        # --- distributed Hessian-free (Martens 2010; He et al. 2016) ---
+        "hf_damping": Option(1.0, "float", "initial Levenberg-Marquardt lambda of (G + lambda "
+                             "I) d = -g", low=0.0, low_open=True, applies=_on(HESSIAN_FREE)),
+        "hf_max_cg": Option(50, "int", "cap on CG iterations per step", low=1,
+                            applies=_on(HESSIAN_FREE)),
+        "hf_curvature_batch": Option(1.0, "float", "fraction of each rank's batch the "
+                                     "curvature products read", low=0.0, low_open=True,
+                                     high=1.0, applies=_on(HESSIAN_FREE)),
+        "hf_cg_decay": Option(0.95, "float", "CG starts from this times the last step's "
+                              "solution", low=0.0, high=1.0, applies=_on(HESSIAN_FREE)),
+        "hf_precondition": Option(False, "bool", "precondition CG by (diag of the empirical "
+                                  "Fisher + lambda)^0.75", applies=_on(HESSIAN_FREE)),
+        # --- Entropy-SGD (Chaudhari et al. 2017) ---
+        "entropy_steps": Option(20, "int", "L: inner Langevin steps per outer step, each on "
+                                "a fresh minibatch", low=1, applies=_on(ENTROPY_SGD)),
+        "entropy_lr": Option(0.1, "float", "eta': step of the inner loop", low=0.0,
+                             low_open=True, applies=_on(ENTROPY_SGD)),
+        "entropy_noise": Option(1e-4, "float", "eps: scale of the inner loop's Gaussian "
+                                "noise (times sqrt(eta'))", low=0.0, applies=_on(ENTROPY_SGD)),
+        "entropy_gamma": Option(0.03, "float", "gamma_0: the coupling of x' to x", low=0.0,
+                                low_open=True, applies=_on(ENTROPY_SGD)),
+        "entropy_scoping": Option(1e-3, "float", "gamma_1: gamma grows by (1 + gamma_1) per "
+                                  "outer step", low=0.0, applies=_on(ENTROPY_SGD)),
+        "entropy_alpha": Option(0.25, "float", "alpha of the running average mu of x'",
+                                low=0.0, low_open=True, high=1.0, applies=_on(ENTROPY_SGD)),
         "exchange": Option("allgather", "str", "how pairs move between ranks",
                            choices=("allgather",), applies=_on(*QUASI_NEWTON)),
         "check_every": Option(100, "int", "steps between checks that all ranks hold identical "

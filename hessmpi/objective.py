@@ -48,7 +48,7 @@ class Objective:
         self.x = self.y = None
         self.grad_evals = 0.0
         self.forward_evals = 0
-        self.curvature_evals = 0
+        self.curvature_evals = 0.0
         self.seconds = 0.0
         self.stop_flag = 0
         self.stop_requested = False
@@ -131,11 +131,23 @@ class Objective:
         self._trial /= self.comm.size
         return float(self._trial[n]), self._trial[:n]
 
-    def curvature_product(self, theta, v, out) -> None:
-        """``out`` (n,) <- G v, the Gauss-Newton matrix of F on the step's global batch at
-        ``theta`` times ``v`` (one R-operator pass per rank, one Allreduce of n)."""
-        self.curvature_evals += 1
-        self._timed(self.model.curvature_product, theta, v, self.x, self.y, out)
+    def curvature_product(self, theta, v, out, rows: slice | None = None) -> None:
+        """``out`` (n,) <- G v, the Gauss-Newton matrix of F on the step's global batch (or
+        on ``rows`` of every rank's part) at ``theta`` times ``v``: one R-operator pass per
+        rank, one Allreduce of n; counted like gradients, r / B for r of B rows."""
+        x, y = (self.x, self.y) if rows is None else (self.x[rows], self.y[rows])
+        self.curvature_evals += len(y) / self.batch_rows
+        self._timed(self.model.curvature_product, theta, v, x, y, out)
+        self.comm.allreduce_sum_(out)
+        out /= self.comm.size
+
+    def fisher_diagonal(self, theta, out, rows: slice | None = None) -> None:
+        """``out`` (n,) <- the diagonal of the empirical Fisher matrix (mean over the rows of
+        the squared per-row gradients of the loss) on the step's global batch (or ``rows``
+        of every rank's part); counted as a gradient."""
+        x, y = (self.x, self.y) if rows is None else (self.x[rows], self.y[rows])
+        self.grad_evals += len(y) / self.batch_rows
+        self._timed(self.model.fisher_diagonal, theta, x, y, out)
         self.comm.allreduce_sum_(out)
         out /= self.comm.size
 
@@ -170,4 +182,4 @@ class Objective:
         """Continue the counts of a checkpoint (missing ones from older files: 0)."""
         self.grad_evals = float(counts.get("grad_evals", 0.0))
         self.forward_evals = int(counts.get("forward_evals", 0))
-        self.curvature_evals = int(counts.get("curvature_evals", 0))
+        self.curvature_evals = float(counts.get("curvature_evals", 0.0))

@@ -146,15 +146,21 @@ class DenseNet:
         p /= len(p)
         return p
 
-    def _backward(self, layers, acts, delta, grad) -> None:
+    def _backward(self, layers, acts, delta, grad, squares: bool = False) -> None:
         """grad <- J^T delta: back-propagate the output sensitivities delta (B, C) through
-        the network at activations ``acts``, writing dW, db into the flat vector ``grad``."""
+        the network at activations ``acts``, writing dW, db into the flat vector ``grad``.
+        ``squares``: write instead the sums over the rows of the squared per-row terms,
+        sum_i a_i^2 delta_i^2 and sum_i delta_i^2 (the empirical Fisher's diagonal)."""
         xp = self.xp
         grads = self.views(grad)
         for l in range(len(layers) - 1, -1, -1):
             gw, gb = grads[l]
-            xp.matmul(acts[l].T, delta, out=gw)
-            delta.sum(axis=0, out=gb)
+            if squares:
+                xp.matmul((acts[l] ** 2).T, delta ** 2, out=gw)
+                (delta ** 2).sum(axis=0, out=gb)
+            else:
+                xp.matmul(acts[l].T, delta, out=gw)
+                delta.sum(axis=0, out=gb)
             if l > 0:
                 delta = xp.matmul(delta, layers[l][0].T)
                 self._act_derivative_(delta, acts[l], l - 1)
@@ -210,6 +216,16 @@ class DenseNet:
         if self.l2:
             out += self.l2 * v
         return out
+
+    def fisher_diagonal(self, theta, x, y, out) -> None:
+        """out (n,) <- the diagonal of the empirical Fisher matrix of the mean loss on the
+        batch, (1/B) sum_i (grad L_i)^2 elementwise (the L2 term left out)."""
+        layers = self.views(theta)
+        acts = self._forward(layers, x)
+        _, p = self._output(acts[-1], x, y)
+        delta = self._output_delta(p, x, y)       # dL_i/dlogits / B, row by row
+        self._backward(layers, acts, delta, out, squares=True)
+        out *= len(x)                             # (1/B) sum_i (B a_i delta_i)^2
 
     def evaluate(self, theta, x, y, chunk: int = 4096) -> tuple[float, float]:
         """(sum over samples of the loss, number classified correctly) on x, y, in chunks of

@@ -2,17 +2,26 @@
 
 ``sgd``: :class:`SGD`; ``secant``: :class:`Secant` (a pair source, the pair memory, the
 step rule, a line search); ``deflated``: :class:`Deflated` (basis probes over the same
-memory and exchange). Every one follows :class:`~hessmpi.optim.base.Optimizer`.
+memory and exchange); the comparators ``hessian_free``: :class:`HessianFree` and
+``entropy_sgd``: :class:`EntropySGD`. Every one follows
+:class:`~hessmpi.optim.base.Optimizer`.
 """
 
 from __future__ import annotations
 
 from hessmpi.optim.base import Optimizer, StepInfo
 from hessmpi.optim.deflated import Deflated
+from hessmpi.optim.entropy_sgd import EntropySGD
+from hessmpi.optim.hessian_free import HessianFree
 from hessmpi.optim.secant import Secant
 from hessmpi.optim.sgd import SGD
 
-__all__ = ["SGD", "Deflated", "Optimizer", "Secant", "StepInfo", "build_optimizer"]
+__all__ = ["SGD", "Deflated", "EntropySGD", "HessianFree", "Optimizer", "Secant", "StepInfo",
+           "build_optimizer"]
+
+#: The optimizers by ``optim.name`` (SGD is built from its options alone).
+METHODS = {"secant": Secant, "deflated": Deflated, "hessian_free": HessianFree,
+           "entropy_sgd": EntropySGD}
 
 
 def build_optimizer(opts, theta, objective, *, seed: int) -> Optimizer:
@@ -22,8 +31,6 @@ def build_optimizer(opts, theta, objective, *, seed: int) -> Optimizer:
     if opts.name == "sgd":
         return SGD(theta, momentum=opts.momentum, weight_decay=opts.weight_decay,
                    nesterov=opts.nesterov)
-    if opts.name == "secant":
-        return Secant(theta, objective, opts, seed=seed)
-    if opts.name == "deflated":
-        return Deflated(theta, objective, opts, seed=seed)
-    raise ValueError(f"unknown optimizer {opts.name!r}")
+    if opts.name not in METHODS:
+        raise ValueError(f"unknown optimizer {opts.name!r}")
+    return METHODS[opts.name](theta, objective, opts, seed=seed)

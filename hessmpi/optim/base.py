@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -10,12 +10,14 @@ from typing import Protocol
 class StepInfo:
     """What one optimizer step reports for the metrics: the global minibatch objective at
     the parameters the step started from, whether it fell back to the SGD step (0/1) and
-    why, and the curvature directions kept."""
+    why, the curvature directions kept, and method-specific values for the metrics columns
+    of :data:`hessmpi.metrics.DIAGNOSTICS` (e.g. CG iterations)."""
 
     loss: float
     fallback: int = 0
     reason: str | None = None
     rank_kept: int = 0
+    diagnostics: dict = field(default_factory=dict)
 
 
 class Optimizer(Protocol):
