@@ -78,6 +78,8 @@ class SplitSecant:
         t1 = now()
         source.before_reduce(self.steps, theta, objective, lr, memory)
         t2 = now()
+        before("reduce")
+        t2b = now()
         objective.reduce_gradient(loss)
         grad = objective.grad
         t3 = now()
@@ -118,6 +120,6 @@ class SplitSecant:
         self.steps += 1
         sync()
         t9 = now()
-        return dict(grad=t1 - t0, probe=t2 - t1, reduce=t3 - t2, pairs=t4 - t3, gram=t6 - t5,
+        return dict(grad=t1 - t0, probe=t2 - t1, reduce=t3 - t2b, pairs=t4 - t3, gram=t6 - t5,
                     solve=t7 - t6, comb=t9 - t8, comm=objective.comm.seconds - comm_before,
                     fallback=d.reason is not None)
