@@ -7,22 +7,13 @@
     python benchmarks/batch_scaling.py --jobs-array [--full]  (a SLURM job array of the grids)
     python benchmarks/batch_scaling.py --prepare              (only the dataset and F*)
 
-The question (ALGORITHM.md s.6-9): distributed training is the large-batch regime (global
-batch = ranks x batch per rank), so measure steps to a target against the global batch
-(256, 1024, 4096, 8000 = the whole training split), each point tuned, for SGD with momentum,
-the secant method without and with the Armijo line search (probe or history pairs), and the
-deflated variant. Problems on mnist-t10k: softmax regression (F within 1e-2 of F* at every
-batch, 1e-3 at 8000), the MLP 784-256-256-10 and the deep autoencoder (a train-loss target:
-the upper median over seeds of SGD+momentum's F after ``reference_steps`` at batch 8000, its
-rate chosen by that F on an interior grid; the MLP also 95 % test accuracy, reported for the
-configuration the train target chose).
-
-Each (problem, batch, method) unit is one worker process (``--ranks`` ranks, batch / ranks
-per rank) that tunes its grid on the TRAINING objective (hessmpi.bench.tune: widened until
-every best point is interior), every run a hessmpi Training driven by hessmpi.bench.drive;
-racing: a run stops at 1.5 x the best steps so far of each target it has not reached, and
-quasi-Newton runs at ``ratio_cap`` x SGD's steps at the same batch. Units run one after
-another, or ``--jobs N`` at a time (then the chosen configurations are re-timed alone).
+Steps to a target against the global batch (256 ... 8000 = the whole training split of
+mnist-t10k), each point tuned on the TRAINING objective, for SGD+momentum, the secant method
+with and without the Armijo line search (probe or history pairs) and the deflated variant;
+softmax regression (F within 1e-2 / 1e-3 of F*), the MLP and the deep autoencoder (the
+train-loss target of SGD at batch 8000 after ``reference_steps``). One worker process per
+(problem, batch, method) unit, ``--jobs N`` at a time; every run a hessmpi Training driven by
+hessmpi.bench.drive, every grid widened by hessmpi.bench.tune until its best is interior.
 Results: bench-results/batch_scaling.json (-quick), tables, and the plot beside it.
 See benchmarks/README.md.
 """

@@ -3,17 +3,11 @@
     .venv/bin/python benchmarks/checkpoint.py
     .venv/bin/python benchmarks/checkpoint.py --sizes 1e5 1e6 --reps 9 --dir /scratch/me
 
-For n = 1e5, 1e6, 1e7 float32 parameters (and the MLP's 269,322), a checkpoint like the
-trainer's (``params`` and ``optim/velocity`` of n each, the sampler state, the attributes
-with the config) is written with hessmpi.checkpoint.write_checkpoint (HDF5, BLAKE2b
-checksum, fsync of file and directory, rename) and read with read_checkpoint (from a cold
-page cache where the kernel allows: posix_fadvise DONTNEED), against numpy.save/load of the
-same arrays, interleaved; medians. ``fsync``: an fsync of as many freshly written bytes
-(file and directory), timed apart; ``csum``: checksum() of the arrays alone. ``step``: one
-training step of the MLP 784-256-256-10 at batch 64 (loss_grad + SGD update). Then the cost
-of ``checkpoint.every = 100`` on the trainer's path (a BackgroundWriter thread writes while
-training goes on), as pairs of 100-step blocks side by side; aim: under 2 %.
-Saves bench-results/checkpoint.json.
+For n = 1e5, 1e6, 1e7 float32 parameters (and the MLP's 269,322): write_checkpoint and
+read_checkpoint (cold page cache where the kernel allows) against numpy.save/load of the same
+arrays, interleaved, medians; an fsync of as many bytes and checksum() timed apart; one MLP
+training step; then the cost of ``checkpoint.every = 100`` through the BackgroundWriter, as
+side-by-side pairs of 100-step blocks (aim: under 2 %). Saves bench-results/checkpoint.json.
 """
 
 from __future__ import annotations

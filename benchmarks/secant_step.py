@@ -3,28 +3,15 @@
     .venv/bin/python benchmarks/secant_step.py
     .venv/bin/python benchmarks/secant_step.py --threads 1 --reps 61 --budget 60
 
-One process (Communicator(COMM_SELF), P = 1), the MLP 784-256-256-10 (n = 269,322, float32),
-k = 1 pair per step and memory K = m = 2, 4, 8, 16 (W holds 2m+1 rows; each Gram update
-recomputes 3 rows against all of them). The ring is filled with random pairs whose S^T Y is
-positive definite; then each repetition takes one secant step by its public parts, in the
-order Secant.step runs them (hessmpi.bench.split.SplitSecant): the gradient ("one
-gradient"), the probe gradient that forms the pair ("observe"), then
-
-    other        the gradient's reduction, damping y += lam*s, the (one-rank) Allgather,
-                 W[0] = g, the row indices
-    Gram         PairMemory.update_gram: the blocked incremental update
-    m x m        quasi_newton.direction on the (2m+1)^2 Gram matrix (on the host)
-    comb         the coefficients, PairMemory.combine (coef @ W), the clip on ||u||, the
-                 momentum update and theta -= v
-
-in three cache states, interleaved: b64 and b512 (right after the gradient and probe at that
-batch, as in training) and cold (batch 64; the last-level cache flushed before the
-reduction, the Gram update and the combination). The floor: the bytes the Gram update
-((2m+1) n 4) and the combination ((2m+2) n 4) must move, at the best plain streaming read of
-256 MiB measured in the same run. A second table forms the Gram rows, cache flushed, as the
-prototype did (W @ W.T), unblocked, and blocked at several block sizes. Once per BLAS thread
-count; two clocks (wall, and this thread's CPU time). Every sample goes to
-bench-results/secant_step.json. See benchmarks/README.md.
+One process (P = 1), the MLP 784-256-256-10 (n = 269,322, float32), k = 1 and memory
+m = 2, 4, 8, 16, the ring filled with random pairs. Each repetition takes one secant step by
+its public parts in the order Secant.step runs them (hessmpi.bench.split.SplitSecant):
+gradient, probe, then other (reduction, damping, exchange, g into W), Gram
+(PairMemory.update_gram), m x m (quasi_newton.direction), comb (PairMemory.combine, clip,
+momentum), in three cache states (b64, b512, cold: the cache flushed before the reduction,
+the Gram update and the combination), against the memory floor at the measured streaming
+bandwidth; then ways of forming the Gram rows. Once per BLAS thread count, wall and thread
+CPU clocks. Samples: bench-results/secant_step.json. See benchmarks/README.md.
 """
 
 from __future__ import annotations

@@ -141,8 +141,8 @@ def tune(run, first: list[dict], selections: dict, *, max_points: int, factor: f
                 blind.add(name)
                 k = best(points, final)
                 if k is not None:
-                    notes.append(f"no point reached '{name}': widened once toward the lowest "
-                                 "final F")
+                    notes.append(f"no point reached '{name}': the grid widens once toward "
+                                 "the lowest final F")
             if k is None:
                 continue
             for axis in points[k]["point"]:

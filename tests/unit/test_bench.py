@@ -218,7 +218,7 @@ def test_tune_widens_once_toward_the_lowest_final_f_when_nothing_reaches_it():
     res = tune.tune(run, [{"lr": 1.0}, {"lr": 2.0}], {"t": tune.to_target(0.2)},
                     max_points=10)
     assert ran == [1.0, 2.0, 4.0] and res["chosen"] == {}
-    assert "widened once" in res["notes"][0]
+    assert "widens once" in res["notes"][0]
 
 
 def test_tune_stops_at_the_deadline_and_upper_median():
