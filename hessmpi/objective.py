@@ -45,6 +45,8 @@ class Objective:
         self.grad = self._buf[:n]
         self._scalar = np.zeros(1)
         self._trial = None        # (n + 1,): a trial point's gradient and loss
+        self._adopted = False     # _trial holds the gradient at the next step's point
+        self._flag = np.zeros(1)
         self.x = self.y = None
         self.grad_evals = 0.0
         self.forward_evals = 0
@@ -55,12 +57,21 @@ class Objective:
 
     # ----- the step's batch ---------------------------------------------------------------
     def next_batch(self) -> None:
-        """Make this rank's next minibatch from its sampler the batch of the step."""
-        idx = self.xp.asarray(self._sampler.next())
+        """Make this rank's next minibatch from its sampler the batch of the step. At full
+        batch it is the whole shard as stored (the sampler still counts the epochs; no rows
+        are copied), so an adopted trial gradient stays valid."""
+        idx = self._sampler.next()
+        if self.full_batch:
+            self.x, self.y = self._shard_x, self._shard_y
+            return
+        idx = self.xp.asarray(idx)
         self.x, self.y = self._shard_x[idx], self._shard_y[idx]
+        self._adopted = False
 
     def use_batch(self, x, y) -> None:
-        """Make (x (B, d), y (B,)) this rank's part of the step's batch."""
+        """Make (x (B, d), y (B,)) this rank's part of the step's batch (the same arrays
+        again keep an adopted trial gradient)."""
+        self._adopted &= x is self.x and y is self.y
         self.x, self.y = x, y
 
     @property
@@ -101,8 +112,19 @@ class Objective:
         return loss
 
     def gradient(self, theta) -> float:
-        """The global loss at ``theta``; ``grad`` becomes the averaged gradient."""
-        return self.reduce_gradient(self.local_gradient(theta))
+        """The global loss at ``theta``; ``grad`` becomes the averaged gradient. If a line
+        search adopted its accepted trial (at full batch, ``theta`` is that trial), its
+        gradient is taken without evaluating again; the stop flag still travels (an
+        Allreduce of one float)."""
+        if not self._adopted:
+            return self.reduce_gradient(self.local_gradient(theta))
+        self._adopted = False
+        n = self.model.n_params
+        self.grad[...] = self._trial[:n]
+        self._flag[0] = self.stop_flag
+        self.comm.allreduce_sum_(self._flag)
+        self.stop_requested = bool(self._flag[0] != 0)
+        return float(self._trial[n])
 
     def mean_gradient_at(self, point, out) -> None:
         """``out`` (n,) <- the averaged gradient at ``point`` on the step's batch (one
@@ -118,6 +140,12 @@ class Objective:
         self._scalar[0] = float(self._timed(self.model.loss, point, self.x, self.y))
         self.comm.allreduce_sum_(self._scalar)
         return self._scalar[0] / self.comm.size
+
+    def adopt_trial(self) -> None:
+        """The last :meth:`value_and_gradient` point becomes the next step's parameters:
+        at full batch its gradient serves the next :meth:`gradient` (the trial's evaluation
+        is not repeated); below it nothing is kept."""
+        self._adopted = self.full_batch
 
     def value_and_gradient(self, point) -> tuple[float, object]:
         """(F, the averaged gradient (n,)) on the step's global batch at ``point``, in one

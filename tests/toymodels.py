@@ -18,7 +18,9 @@ from hessmpi.models.dense import DenseNet
 
 class Recorder:
     """Wraps a model: records the points at which ``loss`` is evaluated (the forward
-    passes: line-search trials) and the number of rows of every ``loss_grad`` call.
+    passes: line-search trials below full batch), the number of rows of every ``loss_grad``
+    call, and in ``points`` every point evaluated either way, in order (at full batch the
+    line-search trials are gradients).
 
     ``spoil_loss(call, value)``: if set, the value this process reports for ``loss`` call
     number ``call`` (from 0). ``nan_grad_at``: the ``loss_grad`` calls (numbered from 0)
@@ -27,7 +29,7 @@ class Recorder:
 
     def __init__(self, model):
         self.inner = model
-        self.trials, self.grad_rows = [], []
+        self.trials, self.grad_rows, self.points = [], [], []
         self.spoil_loss, self.nan_grad_at = None, set()
 
     def __getattr__(self, name):
@@ -37,6 +39,7 @@ class Recorder:
 
     def loss(self, theta, x, y):
         self.trials.append(np.array(theta, copy=True))
+        self.points.append(self.trials[-1])
         value = self.inner.loss(theta, x, y)
         if self.spoil_loss is not None:
             value = self.spoil_loss(len(self.trials) - 1, value)
@@ -45,6 +48,7 @@ class Recorder:
     def loss_grad(self, theta, x, y, grad):
         call = len(self.grad_rows)
         self.grad_rows.append(len(y))
+        self.points.append(np.array(theta, copy=True))
         value = self.inner.loss_grad(theta, x, y, grad)
         if call in self.nan_grad_at:
             grad[0] = np.nan

@@ -61,7 +61,9 @@ def drive(training, *, budget: float, unit: str = "steps", train_targets=None,
     ``with_test``: evaluate the test accuracy even without test targets. ``check_every``:
     steps between checks that the ranks' parameters agree (RuntimeError if not).
     Returns the record: status, steps, grad_evals, forward_evals, wall (s), t_step, t_grad,
-    t_comm, t_solve (s per step), curve, test_curve, fallback counts and rates."""
+    t_comm, t_solve (s per step), curve, test_curve, fallback counts and rates, and per step
+    ``losses`` (the global minibatch objective at the parameters the step started from: at
+    full batch, F(theta_k)) and ``walls`` (cumulative seconds after it)."""
     from hessmpi.trainer import Interval
 
     comm, objective = training.comm, training.objective
@@ -85,6 +87,7 @@ def drive(training, *, budget: float, unit: str = "steps", train_targets=None,
 
     done, wall, status = 0, 0.0, "budget"
     curve, test_curve = [], [] if with_test else None
+    losses, walls = [], []
     f0 = evaluate()
     reached: set[str] = set()
     interval, fallbacks, kept = Interval(), 0, 0
@@ -98,6 +101,8 @@ def drive(training, *, budget: float, unit: str = "steps", train_targets=None,
             break
         wall += time.perf_counter() - started
         done += 1
+        losses.append(info.loss)
+        walls.append(wall)
         fallbacks += info.fallback
         kept += info.rank_kept
         if check_every and done % check_every == 0 and not parameters_agree(training):
@@ -133,7 +138,8 @@ def drive(training, *, budget: float, unit: str = "steps", train_targets=None,
                 fallback_reasons={k: v for k, v in counts.items() if k != "clipped" and v},
                 clipped_rate=counts.get("clipped", 0) / steps, rank_kept_mean=kept / steps,
                 t_grad=interval.mean("t_grad"), t_comm=interval.mean("t_comm"),
-                t_solve=interval.mean("t_solve"), bytes_sent=interval.mean("bytes_sent"))
+                t_solve=interval.mean("t_solve"), bytes_sent=interval.mean("bytes_sent"),
+                losses=losses, walls=walls)
 
 
 def first_hit(record: dict, threshold: float, test: bool = False) -> dict | None:

@@ -1,9 +1,11 @@
 """Line searches on the global minibatch objective (ALGORITHM.md s.8).
 
-Every trial is one forward pass per rank and one Allreduce of a scalar (Armijo), or one
-gradient per rank and one Allreduce of n + 1 floats (strong Wolfe), so every rank takes the
-same decision; a NaN on any rank rejects the trial everywhere. At full batch the objective
-is the training objective, and every accepted step decreases it.
+Every trial is one forward pass per rank and one Allreduce of a scalar (Armijo below full
+batch), or one gradient per rank and one Allreduce of n + 1 floats (strong Wolfe; Armijo at
+full batch), so every rank takes the same decision; a NaN on any rank rejects the trial
+everywhere. At full batch the objective is the training objective, every accepted step
+decreases it, and the accepted trial's gradient is the next step's (the objective adopts it:
+one gradient per step when the first trial is accepted, as in L-BFGS-B).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ class Armijo:
                 xp.multiply(velocity, momentum, out=trial)
                 trial += u
                 xp.subtract(theta, trial, out=trial)
-            if objective.value(trial) <= loss - self.c1 * slope:
+            if _value(objective, trial) <= loss - self.c1 * slope:
+                if objective.full_batch:
+                    objective.adopt_trial()
                 return True
             u *= 0.5
             slope *= 0.5
@@ -72,10 +76,11 @@ class StrongWolfe(Armijo):
         the trials (``u`` is then left at the last trial)."""
         xp, trial = objective.xp, self._trial
         slope0 = -float(grad @ u)            # phi'(0) < 0 for a descent direction
-        trials = [0]
+        trials, last = [0], [None]
 
         def phi(t):
             trials[0] += 1
+            last[0] = t
             xp.multiply(u, t, out=trial)
             xp.subtract(theta, trial, out=trial)
             value, g_trial = objective.value_and_gradient(trial)
@@ -117,8 +122,19 @@ class StrongWolfe(Armijo):
             prev, t = (t, f, d), 2.0 * t
         if accepted is None:
             return False
+        if accepted != last[0]:                   # the gradient at the accepted point
+            phi(accepted)
+        objective.adopt_trial()
         u *= accepted
         return True
+
+
+def _value(objective, point) -> float:
+    """F at ``point``: with its gradient at full batch (which the next step may adopt),
+    else a forward pass."""
+    if objective.full_batch:
+        return objective.value_and_gradient(point)[0]
+    return objective.value(point)
 
 
 def _cubic_min(t1, f1, d1, t2, f2, d2) -> float:

@@ -6,7 +6,10 @@ in three moments of a step: ``before_reduce`` (this rank's gradient of the step 
 its own, in ``objective.grad``), ``after_reduce`` (the averaged gradient is known: finish,
 exchange and commit the pairs; returns the slot filled, or None) and ``after_step`` (theta
 has moved). ``cost()`` is the gradient evaluations per rank a step that forms pairs adds to
-the step's own gradient; the objective counts what is really evaluated. ``contributors``
+the step's own gradient; the objective counts what is really evaluated.
+``reads_own_gradient``: ``before_reduce`` reads this rank's gradient before the
+reduction (else the step's gradient may come whole from the objective, e.g. adopted from
+the last line search). ``contributors``
 and ``k``: the ranks that write rows into one slot and the pairs each writes;
 ``independent_of_ranks``: the pairs are the same on any rank count (a resume on another
 keeps them); ``pending``: a measured pair waits in the next slot (kept in checkpoints).
@@ -31,6 +34,7 @@ class ProbePairs:
 
     independent_of_ranks = False
     pending = False
+    reads_own_gradient = True
 
     def __init__(self, opts, *, n: int, comm, seed: int, xp, dtype, exchange):
         self.o, self.seed, self.xp, self.exchange = opts, seed, xp, exchange
@@ -103,6 +107,7 @@ class SharedProbePairs:
 
     independent_of_ranks = True
     pending = False
+    reads_own_gradient = False
 
     def __init__(self, opts, *, n: int, xp, dtype):
         self.o, self.xp = opts, xp
@@ -145,6 +150,7 @@ class DriftPairs:
 
     independent_of_ranks = False
     pending = False
+    reads_own_gradient = True
 
     def __init__(self, opts, *, n: int, comm, xp, dtype, exchange):
         self.o, self.comm, self.xp, self.exchange = opts, comm, xp, exchange
@@ -196,6 +202,7 @@ class HistoryPairs:
     (``pending``) and committed at the next one. Pairs of every ``probe_every``-th step."""
 
     independent_of_ranks = True
+    reads_own_gradient = False
 
     def __init__(self, opts, *, n: int, full_batch: bool, xp, dtype):
         self.o, self.full_batch, self.xp = opts, full_batch, xp

@@ -117,9 +117,13 @@ class Secant:
     # ----- the step ------------------------------------------------------------------------
     def step(self, theta, objective, lr: float) -> StepInfo:
         o, memory, source = self.o, self.memory, self.source
-        loss = objective.local_gradient(theta)
-        source.before_reduce(self.steps, theta, objective, lr, memory)
-        loss = objective.reduce_gradient(loss)
+        if source.reads_own_gradient:
+            loss = objective.local_gradient(theta)
+            source.before_reduce(self.steps, theta, objective, lr, memory)
+            loss = objective.reduce_gradient(loss)
+        else:
+            source.before_reduce(self.steps, theta, objective, lr, memory)
+            loss = objective.gradient(theta)
         grad = objective.grad
         slot = source.after_reduce(theta, grad, memory, o.damping, self.velocity)
         memory.set_gradient(grad)

@@ -41,11 +41,14 @@ LBFGS = ["optim.name=secant", "optim.pairs=history", "optim.line_search=armijo",
          "optim.max_step_ratio=1e4", "optim.lr=0.5"]
 
 #: configurations recorded again after a deliberate change of behaviour, and why
-CHANGED = {name: "issue 15: with a line search the SGD fallback is searched too (momentum "
-                 "dropped, no step if nothing decreases F), so a run with a fallback moves "
-                 "differently" for name in ("secant-subspace-armijo", "secant-history-minibatch",
-                                            "secant-history-fullbatch",
-                                            "secant-history-softmax-fullbatch")}
+SEARCHED = ("issue 15: with a line search the SGD fallback is searched too (momentum dropped, "
+            "no step if nothing decreases F), so a run with a fallback moves differently")
+FULL = ("; at full batch the line search's trials are gradients, the accepted one the next "
+        "step's, and the batch is the shard as stored (not permuted), which changes the "
+        "rounding")
+CHANGED = {"secant-subspace-armijo": SEARCHED, "secant-history-minibatch": SEARCHED,
+           "secant-history-fullbatch": SEARCHED + FULL,
+           "secant-history-softmax-fullbatch": SEARCHED + FULL}
 
 #: name -> --set overrides on top of BASE
 MATRIX: dict[str, list[str]] = {

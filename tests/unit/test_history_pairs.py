@@ -120,11 +120,21 @@ def test_full_batch_ring_holds_the_steps_taken_and_the_gradient_changes(comm, va
     fallbacks = []
     for t in range(steps):
         model.grad_rows.clear()
+        model.points.clear()
         info, g, used = take_step(opt, objective, theta, p.x, p.y, lr)
         thetas.append(theta.copy())
         fallbacks.append(info.reason)
-        assert used["grad_evals"] == 1.0                      # no extra gradient
-        assert model.grad_rows == [len(p.y)]                  # the step's own gradient only
+        # no extra gradient for the pairs: without a line search the step's own only; with
+        # it at full batch only the trials' (the accepted one is the next step's gradient;
+        # step 0 also pays its own), the last of them the new point
+        own = keys["line_search"] == "none" or t == 0
+        assert used["grad_evals"] == len(model.grad_rows) and used["forward_evals"] == 0
+        assert model.grad_rows == [len(p.y)] * len(model.points)
+        if keys["line_search"] == "none":
+            assert len(model.points) == 1
+        else:
+            assert len(model.points) >= 1 + own
+            np.testing.assert_array_equal(model.points[-1], theta)
         np.testing.assert_array_equal(opt.memory.W[0], g)
         assert ring(opt) == (min(t, K), t % K, False, t + 1)
         for q in range(K):
@@ -157,7 +167,8 @@ def test_full_batch_pairs_only_from_steps_at_multiples_of_probe_every(comm, T):
         _, _, used = take_step(opt, objective, theta, p.x, p.y, 0.5)
         thetas.append(theta.copy())
         formed = [j for j in range(t) if j % T == 0]             # pairs committed so far
-        assert opt.memory.filled == min(len(formed), K) and used["grad_evals"] == 1.0
+        assert opt.memory.filled == min(len(formed), K)
+        assert used["grad_evals"] >= (2.0 if t == 0 else 1.0)   # step 0: its own + trials
         for i, j in enumerate(formed[-K:]):
             s_row, y_row = slot_pair(opt, (len(formed) - len(formed[-K:]) + i) % K)
             s = thetas[j + 1] - thetas[j]
@@ -185,17 +196,19 @@ def test_one_pair_gives_the_lbfgs_two_loop_step(comm, problem):
     pair. Its first trial point (newton_lr 1, momentum 0) is theta - H g with H the two-loop
     recursion on the pair that the test recomputes, H0 = s^T y / y^T y (with one pair,
     h0 = "bb" of quasi_newton.py, tr(S^T Y) / tr(Y^T Y) over the kept pairs, is exactly
-    this)."""
+    this). At full batch the trials are gradient evaluations (the accepted one is the next
+    step's gradient): step 0 evaluates theta0, then its trials; step 1 only its trials."""
     inner, theta, x, y, lr = problem()
     model = Recorder(inner)
     opt, objective = make(model, theta, comm, full_batch=True, **LBFGS, memory=5)
     theta0 = theta.copy()
     info, g0, _ = take_step(opt, objective, theta, x, y, lr)
-    assert info.reason == "no_pairs" and len(model.trials) >= 1
-    t = lr / 2 ** (len(model.trials) - 1)
-    np.testing.assert_array_equal(model.trials[-1], theta0 - t * g0)
+    trials = model.points[1:]
+    assert info.reason == "no_pairs" and len(trials) >= 1
+    t = lr / 2 ** (len(trials) - 1)
+    np.testing.assert_array_equal(trials[-1], theta0 - t * g0)
     np.testing.assert_array_equal(theta, theta0 - t * g0)
-    model.trials.clear()
+    model.points.clear()
     theta1 = theta.copy()
     g1 = np.empty_like(theta)
     inner.loss_grad(theta1, x, y, g1)
@@ -203,11 +216,11 @@ def test_one_pair_gives_the_lbfgs_two_loop_step(comm, problem):
     assert s @ yv > 0
     info, _, used = take_step(opt, objective, theta, x, y, lr)
     assert info.reason is None and info.rank_kept == 1 and not opt.counts["clipped"]
-    d = theta1 - model.trials[0]
+    d = theta1 - model.points[0]
     want = two_loop([s], [yv], g1, (s @ yv) / (yv @ yv))
     assert rel(d, want) < 1e-10, rel(d, want)
-    if used["forward_evals"] == 1:                               # the unit step was taken
-        np.testing.assert_array_equal(theta, model.trials[0])
+    if used["grad_evals"] == 1:                                  # the unit step was taken
+        np.testing.assert_array_equal(theta, model.points[0])
 
 
 def test_several_pairs_give_the_block_bfgs_step_of_algorithm_md(comm):
@@ -223,7 +236,7 @@ def test_several_pairs_give_the_block_bfgs_step_of_algorithm_md(comm):
     thetas, grads, compared, lbfgs_gap = [], [], 0, 0.0
     for t in range(10):
         thetas.append(theta.copy())
-        model.trials.clear()
+        model.points.clear()
         info, g, _ = take_step(opt, objective, theta, x, y, lr)
         grads.append(g)
         if t == 0:
@@ -234,7 +247,7 @@ def test_several_pairs_give_the_block_bfgs_step_of_algorithm_md(comm):
         assert info.rank_kept == kept, (t, info, kept)
         if info.reason is not None:
             continue
-        d = thetas[t] - model.trials[0]
+        d = thetas[t] - model.points[0]          # the gradient came from step t-1's trial
         assert rel(d, want) < 1e-10, (t, rel(d, want))
         compared += 1
         if kept == len(S) >= 2:

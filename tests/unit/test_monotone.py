@@ -20,8 +20,8 @@ def quadratic(seed, n=6, high=100.0) -> Quadratic:
     return Quadratic(A, b)
 
 
-def objective_on(model, comm):
-    obj = Objective(model, comm, full_batch=True)
+def objective_on(model, comm, full_batch=True):
+    obj = Objective(model, comm, full_batch=full_batch)
     obj.use_batch(np.zeros((1, 1)), np.zeros(1, dtype=np.int64))
     return obj
 
@@ -33,7 +33,7 @@ def secant(theta, obj, **optim):
 # ----- the line searches' conditions ---------------------------------------------------------
 def test_armijo_descend_takes_the_first_halving_with_sufficient_decrease(comm):
     model = quadratic(0)
-    obj = objective_on(model, comm)
+    obj = objective_on(model, comm, full_batch=False)     # forward-pass trials
     theta = np.ones(model.n_params)
     f0 = obj.local_gradient(theta)
     g = obj.grad.copy()
@@ -90,7 +90,7 @@ def test_no_trial_decreases_f_then_no_step_is_taken(comm):
     rng = np.random.default_rng(3)
     model = Recorder(quadratic(3))
     model.spoil_loss = lambda call, value: value + 1e9   # every trial looks worse than F
-    obj = objective_on(model, comm)
+    obj = objective_on(model, comm, full_batch=False)
     theta = rng.standard_normal(model.n_params)
     start = theta.copy()
     opt = secant(theta, obj, pairs="history", line_search="armijo", momentum=0.5, lr=0.1)
@@ -127,3 +127,28 @@ def test_full_batch_mlp_objective_never_rises(comm, rule, seed):
     rises = np.diff(values)
     assert rises.max() <= 0.0, (rises.max(), opt.counts)
     assert values[-1] < 0.5 * values[0]
+
+
+def test_at_full_batch_the_accepted_trials_gradient_is_the_next_steps(comm):
+    """The trials are gradients; the accepted one is adopted: the next step's gradient is
+    not evaluated again (one evaluation per step), yet equals the gradient at the new
+    point, and the stop flag still travels."""
+    model = Recorder(quadratic(4))
+    obj = objective_on(model, comm)
+    theta = np.ones(model.n_params)
+    opt = secant(theta, obj, pairs="history", line_search="armijo", curvature="lbfgs",
+                 memory=3, momentum=0.0, damping=0.0, newton_lr=1.0, h0="bb", lr=0.01)
+    for step in range(6):
+        before = obj.grad_evals
+        model.points.clear()
+        obj.stop_flag = step == 5
+        opt.step(theta, obj, 0.01)
+        evals = obj.grad_evals - before
+        assert evals == (2 if step == 0 else 1) and obj.forward_evals == 0, (step, evals)
+        assert not any(np.array_equal(p, model.points[-1]) for p in model.points[:-1])
+    np.testing.assert_array_equal(model.points[-1], theta)   # the last trial: theta now
+    loss = obj.gradient(theta)                                 # adopted: no evaluation
+    assert obj.grad_evals - before == 1 and obj.stop_requested
+    want = np.empty_like(theta)
+    assert loss == model.inner.loss_grad(theta, None, None, want)
+    np.testing.assert_array_equal(obj.grad, want)

@@ -1,0 +1,294 @@
+"""Does the recommended full-batch recipe hold where it was not tuned? Issue 15's matrix.
+
+    .venv/bin/python benchmarks/robustness.py              (--quick, in `make bench`: minutes)
+    .venv/bin/python benchmarks/robustness.py --full       (the matrix: about an hour here)
+    .venv/bin/python benchmarks/robustness.py --full --problems autoencoder   (reduced)
+    .venv/bin/python benchmarks/robustness.py --report bench-results/robustness.json
+
+At full batch (every rank's batch its whole shard): models softmax, MLP 784-256-256-10 with
+ReLU and with tanh (and, reduced, the deep autoencoder) on mnist-t10k (where the recipe was
+chosen) and on the first 8,000 training rows of Fashion-MNIST (never tuned on), 5 seeds,
+1, 2 and 4 ranks. SGD+momentum (0.9) is tuned per problem and dataset on a factor-2
+learning-rate grid widened until its best point, by F after 150 steps on seed 0, is
+interior. Every cell (dataset, model, seed, ranks) then runs, in one process, side by side:
+SGD+momentum at that rate for 150 steps, whose final F is the cell's target, and the recipe
+of jobs/configs/recommended_fullbatch.toml for 150 steps. Per cell: steps and wall time to
+the target (ratios to SGD's), the recipe's largest rise of F from one step to the next
+(relative), divergence (a failed run, or F above its start). Beside it, as the anchor, SciPy's
+L-BFGS-B (memory 10, float64, one process) on the same objectives: function-and-gradient
+evaluations to each seed's target. Results: bench-results/robustness[-quick].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+
+from hessmpi.bench import datasets, drive, launch, tables, tune
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "jobs" / "configs" / "recommended_fullbatch.toml"
+STEPS, MOMENTUM = 150, 0.9
+MLP = {"name": "mlp", "hidden": [256, 256], "l2": 1e-4}
+#: model config, SGD's first grid (most promising first)
+PROBLEMS = {
+    "softmax": ({"name": "softmax", "l2": 1e-4}, [1.0, 0.5, 2.0]),
+    "mlp-relu": ({**MLP, "activation": "relu"}, [0.3, 0.15, 0.6]),
+    "mlp-tanh": ({**MLP, "activation": "tanh"}, [0.3, 0.15, 0.6]),
+    "autoencoder": ({"name": "autoencoder", "l2": 1e-5}, [0.006, 0.003, 0.012]),
+}
+DATASETS = ("mnist-t10k", "fashion-mnist-8k")
+MODES = {
+    "quick": dict(problems=["softmax"], datasets=DATASETS, seeds=[0, 1], ranks=[1, 2]),
+    "full": dict(problems=["softmax", "mlp-relu", "mlp-tanh"], datasets=DATASETS,
+                 seeds=[0, 1, 2, 3, 4], ranks=[1, 2, 4]),
+}
+#: the reduced form for the autoencoder (0.8 s a full-batch step here)
+REDUCED = dict(datasets=("mnist-t10k",), seeds=[0], ranks=[1])
+
+
+# ----- worker: SGD tuning, or one cell --------------------------------------------------------
+def training(spec: dict, optim: dict, seed: int, comm, backend, shards):
+    from hessmpi import config
+    from hessmpi.trainer import Training
+
+    cfg = config.from_dict({"data": {"path": spec["data"]}, "model": spec["model"],
+                            "optim": optim, "train": {"batch_size": 0, "seed": seed,
+                                                      "steps": STEPS},
+                            "backend": {"device": "cpu", "threads": backend.threads}})
+    return Training(cfg, comm, backend, shards=shards)
+
+
+def worker(spec: dict) -> dict:
+    comm, backend = launch.context()
+    shards = drive.shards(spec["data"], comm)
+
+    def run(optim, seed):
+        record = drive.drive(training(spec, optim, seed, comm, backend, shards), budget=STEPS,
+                             base=STEPS, check_every=50)
+        record.pop("test_curve")
+        return record
+
+    if spec["kind"] == "tune":
+        def sgd(point, _points):
+            return [run({"name": "sgd", "momentum": MOMENTUM, "lr": point["lr"]}, 0)]
+
+        res = tune.tune(sgd, [{"lr": lr} for lr in spec["grid"]], {"F": tune.final},
+                        max_points=10)
+        k = res["chosen"].get("F")
+        finals = {p["point"]["lr"]: drive.final_value(p["records"][0])
+                  for p in res["points"].values()}
+        return dict(lr=None if k is None else res["points"][k]["point"]["lr"],
+                    placement=res["placement"].get("F"), finals=finals, notes=res["notes"])
+    sgd = run({"name": "sgd", "momentum": MOMENTUM, "lr": spec["lr"]}, spec["seed"])
+    recipe = run(spec["recipe"], spec["seed"])
+    return dict(sgd=sgd, recipe=recipe, ranks=comm.size)
+
+
+# ----- the anchor: SciPy's L-BFGS-B ------------------------------------------------------------
+def lbfgs_anchor(data: str, model_cfg: dict, seed: int, target: float) -> dict:
+    """L-BFGS-B (memory 10) from the same initial point, float64, one process: function and
+    gradient evaluations and iterations until F <= target (at most 4 x STEPS iterations)."""
+    from scipy.optimize import minimize
+
+    from hessmpi import config
+    from hessmpi.models import build_model
+
+    train, _ = drive.shards(data, _Solo())
+    cfg = config.from_dict({"model": model_cfg})
+    model = build_model(cfg["model"], train.x.shape[1], train.n_classes, xp=np,
+                        dtype=np.float64)
+    x, y = train.x.astype(np.float64), train.y
+    values, grad = [], np.empty(model.n_params)
+
+    def fun(theta):
+        values.append(float(model.loss_grad(theta, x, y, grad)))
+        return values[-1], grad.copy()
+
+    iters = []
+    started = time.perf_counter()
+    try:
+        minimize(fun, model.init_params(seed).astype(np.float64), jac=True, method="L-BFGS-B",
+                 callback=lambda th: _stop(iters, values, target),
+                 options=dict(maxcor=10, maxiter=4 * STEPS, ftol=0, gtol=0))
+    except StopIteration:
+        pass
+    hit = next((i + 1 for i, v in enumerate(values) if v <= target), None)
+    return dict(evals=hit, iters=len(iters) if hit else None, total_evals=len(values),
+                seconds=time.perf_counter() - started)
+
+
+def _stop(iters, values, target):
+    iters.append(values[-1])
+    if min(values) <= target:
+        raise StopIteration
+
+
+class _Solo:
+    """What ``drive.shards`` needs of a communicator, for one process without MPI."""
+
+    rank, size = 0, 1
+
+    @staticmethod
+    def collectively(fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+
+# ----- the parent --------------------------------------------------------------------------------
+def first_step(losses: list, final: float, target: float) -> int | None:
+    """Steps k to the first F(theta_k) <= target, from the per-step F (F(theta_0..K-1)) and
+    the final F(theta_K)."""
+    values = [*losses[1:], final]
+    return next((k + 1 for k, v in enumerate(values) if v <= target), None)
+
+
+def cell_summary(cell: dict) -> dict:
+    sgd, recipe = cell["sgd"], cell["recipe"]
+    target = drive.final_value(sgd)
+    out = dict(target=target, sgd_status=sgd["status"], status=recipe["status"],
+               fallback_reasons=recipe["fallback_reasons"],
+               forward_evals=recipe["forward_evals"])
+    for name, rec in (("sgd", sgd), ("recipe", recipe)):
+        k = first_step(rec["losses"], drive.final_value(rec), target)
+        out[f"{name}_steps"] = k
+        out[f"{name}_wall"] = rec["walls"][k - 1] if k else None
+        per_step = (rec["grad_evals"] + rec["forward_evals"]) / max(rec["steps"], 1)
+        out[f"{name}_evals"] = k * per_step if k else None
+    f = [*recipe["losses"], drive.final_value(recipe)]
+    rises = [(b - a) / abs(a) for a, b in zip(f, f[1:], strict=False) if a]
+    out["max_rise"] = max(rises) if rises else 0.0
+    out["diverged"] = recipe["status"] == "diverged" or not f[-1] <= f[0]
+    out["final"] = f[-1]
+    return out
+
+
+def run_matrix(args, mode: dict, out: Path) -> dict:
+    recipe = tomllib.loads(RECIPE.read_text())["optim"]
+    results = dict(mode=mode, recipe=recipe, steps=STEPS, tuning={}, cells=[], anchor={})
+    for dataset in mode["datasets"]:
+        data = str(datasets.dataset(dataset, ROOT))
+        for problem in mode["problems"]:
+            model, grid = PROBLEMS[problem]
+            reduced = problem == "autoencoder"
+            if reduced and dataset not in REDUCED["datasets"]:
+                continue
+            spec = dict(data=data, model=model)
+            print(f"robustness: tuning SGD on {problem} / {dataset} ...", flush=True)
+            tuned = launch.launch(__file__, {**spec, "kind": "tune", "grid": grid}, 1)
+            results["tuning"][f"{problem}/{dataset}"] = tuned
+            print(f"  SGD lr {tuned['lr']} ({tuned['placement']}); F at {STEPS}: "
+                  + ", ".join(f"{lr:g}: {f:.5g}" for lr, f in sorted(
+                      (float(k), v) for k, v in tuned["finals"].items())), flush=True)
+            for seed in (REDUCED if reduced else mode)["seeds"]:
+                for ranks in (REDUCED if reduced else mode)["ranks"]:
+                    cell = launch.launch(__file__, {**spec, "kind": "cell", "seed": seed,
+                                                    "lr": tuned["lr"], "recipe": recipe}, ranks)
+                    s = dict(dataset=dataset, problem=problem, seed=seed, ranks=ranks,
+                             sgd_lr=tuned["lr"], **cell_summary(cell))
+                    results["cells"].append(s)
+                    print(f"  seed {seed}, {ranks} rank(s): target {s['target']:.5g}; SGD "
+                          f"{s['sgd_steps']} steps, recipe {s['recipe_steps']} steps "
+                          f"({s['status']}, largest rise {s['max_rise']:.2g})", flush=True)
+                    if args.anchor and ranks == 1:
+                        a = lbfgs_anchor(data, model, seed, s["target"])
+                        results["anchor"][f"{problem}/{dataset}/{seed}"] = a
+                        print(f"    L-BFGS-B: {a['evals']} evaluations, {a['iters']} "
+                              "iterations", flush=True)
+                    tables.save(out.stem, results, ROOT, out)
+    return results
+
+
+def report(results: dict) -> None:
+    cells = results["cells"]
+    rows, verdict = [], []
+    keys = sorted({(c["dataset"], c["problem"]) for c in cells},
+                  key=lambda k: (DATASETS.index(k[0]), list(PROBLEMS).index(k[1])))
+    for dataset, problem in keys:
+        cs = [c for c in cells if (c["dataset"], c["problem"]) == (dataset, problem)]
+        steps = [c["recipe_steps"] / c["sgd_steps"] if c["recipe_steps"] and c["sgd_steps"]
+                 else math.inf for c in cs]
+        walls = [c["recipe_wall"] / c["sgd_wall"] if c["recipe_wall"] and c["sgd_wall"]
+                 else math.inf for c in cs]
+        anchor = [results["anchor"].get(f"{problem}/{dataset}/{c['seed']}", {}).get("evals")
+                  for c in cs if c["ranks"] == 1]
+        ours = [c["recipe_evals"] for c in cs if c["ranks"] == 1]
+        tuned = results["tuning"][f"{problem}/{dataset}"]
+        rows.append([dataset + (" (tuned here)" if dataset == "mnist-t10k" else ""), problem,
+                     f"{tuned['lr']:g} ({(tuned['placement'] or {}).get('lr', '?')})",
+                     len(cs), tables.spread([c["sgd_steps"] or math.inf for c in cs]),
+                     tables.spread([c["recipe_steps"] or math.inf for c in cs]),
+                     f"{tables.ratio(float(np.median(steps)))} / {tables.ratio(max(steps))}",
+                     f"{tables.ratio(float(np.median(walls)))} / {tables.ratio(max(walls))}",
+                     f"{max(c['max_rise'] for c in cs):.1e}",
+                     sum(c["diverged"] for c in cs),
+                     tables.spread([a or math.inf for a in anchor]),
+                     tables.spread([o or math.inf for o in ours])])
+        verdict.append((dataset, problem, steps, walls, cs, anchor, ours))
+    print(f"\nThe recipe ({RECIPE.relative_to(ROOT)}) against SGD+momentum at full batch, "
+          f"{STEPS} steps; per cell the target is SGD's F after {STEPS} steps; ratios median / "
+          "worst over seeds and rank counts; evaluations at 1 rank: L-BFGS-B's function-and-"
+          "gradient evaluations, the recipe's gradients and forward passes (its mean per step "
+          "times its steps):\n")
+    print(tables.table(["data", "model", "SGD lr (grid)", "cells", "SGD steps",
+                        "recipe steps", "steps ratio", "wall ratio", "largest rise",
+                        "diverged", "L-BFGS-B evals", "recipe evals"], rows))
+    by_ranks = []
+    for ranks in sorted({c["ranks"] for c in cells}):
+        cs = [c for c in cells if c["ranks"] == ranks]
+        r = [c["recipe_steps"] / c["sgd_steps"] if c["recipe_steps"] and c["sgd_steps"]
+             else math.inf for c in cs]
+        by_ranks.append([ranks, len(cs), tables.ratio(float(np.median(r))),
+                         tables.ratio(max(r)), sum(c["diverged"] for c in cs)])
+    print("\nBy rank count:\n")
+    print(tables.table(["ranks", "cells", "median steps ratio", "worst", "diverged"],
+                       by_ranks))
+    all_steps = [x for v in verdict for x in v[2]]
+    all_walls = [x for v in verdict for x in v[3]]
+    rises = max(c["max_rise"] for c in cells)
+    lbfgs_ok = all(o is not None and a is not None and o <= a
+                   for v in verdict for o, a in zip(v[6], v[5], strict=False))
+    print("\nGoals: zero divergences: " + ("MET" if not any(c["diverged"] for c in cells)
+                                           else "NOT MET")
+          + f"; zero rises (largest {rises:.1e}, float32 round-off is ~1e-7): "
+          + ("MET" if rises <= 1e-6 else "NOT MET")
+          + f"; median steps <= 0.5x ({tables.ratio(float(np.median(all_steps)))}, worst "
+          f"{tables.ratio(max(all_steps))}): "
+          + ("MET" if np.median(all_steps) <= 0.5 else "NOT MET")
+          + f"; median wall <= 0.6x ({tables.ratio(float(np.median(all_walls)))}, worst "
+          f"{tables.ratio(max(all_walls))}): "
+          + ("MET" if np.median(all_walls) <= 0.6 else "NOT MET")
+          + "; at most L-BFGS-B's evaluations everywhere: " + ("MET" if lbfgs_ok else "NOT MET"))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--full", action="store_true", help="the whole matrix")
+    ap.add_argument("--problems", help="comma-separated subset of " + ", ".join(PROBLEMS))
+    ap.add_argument("--no-anchor", dest="anchor", action="store_false",
+                    help="skip SciPy's L-BFGS-B")
+    ap.add_argument("--report", type=Path, metavar="JSON", help="print the tables of a result")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        launch.serve(worker, args.worker)
+        return
+    if args.report:
+        report(json.loads(args.report.read_text()))
+        return
+    mode = dict(MODES["full" if args.full else "quick"])
+    if args.problems:
+        mode["problems"] = args.problems.split(",")
+    out = ROOT / "bench-results" / ("robustness.json" if args.full else "robustness-quick.json")
+    report(run_matrix(args, mode, out))
+    print(f"\nresults: {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
