@@ -29,7 +29,14 @@ COLUMNS: dict[str, str] = {
     "test_loss": "f8",     # mean test cross-entropy (NaN where not evaluated)
     "test_acc": "f8",      # test accuracy in [0, 1] (NaN where not evaluated)
     "forward_evals": "i8",  # cumulative forward-only passes per rank (line-search trials)
+    "curvature_evals": "f8",  # cumulative curvature products per rank (r of B rows: r / B)
+    "cg_iters": "f8",      # hessian_free: CG iterations of the step (NaN for other methods)
+    "hf_lambda": "f8",     # hessian_free: Levenberg-Marquardt lambda after the step (NaN else)
 }
+#: Columns added after the first release, with the value they hold in older files' rows.
+ADDED = {"curvature_evals": 0.0, "cg_iters": np.nan, "hf_lambda": np.nan}
+#: The columns an optimizer fills from its StepInfo.diagnostics (NaN where it does not).
+DIAGNOSTICS = ("cg_iters", "hf_lambda")
 
 
 class MetricsFile:
@@ -58,6 +65,10 @@ class MetricsFile:
         with h5py.File(self.path, "a", locking=False) as f:
             g = f["metrics"]
             keep = int(np.searchsorted(g["step"][()], step, side="right"))
+            for name, fill in ADDED.items():        # a file written before they existed
+                if name not in g:
+                    g.create_dataset(name, data=np.full(g["step"].shape, fill),
+                                     maxshape=(None,), dtype=COLUMNS[name], chunks=(1024,))
             for name in COLUMNS:
                 g[name].resize((keep,))
             resumed = list(f.attrs.get("resumed_at", [])) + [step]
@@ -87,5 +98,8 @@ def read_metrics(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
 
     with h5py.File(path, "r", locking=False) as f:
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-        cols = {name: f["metrics"][name][()] for name in COLUMNS}
+        g = f["metrics"]
+        rows = g["step"].shape[0]
+        cols = {name: g[name][()] if name in g or name not in ADDED
+                else np.full(rows, ADDED[name]) for name in COLUMNS}
     return attrs, cols

@@ -28,7 +28,7 @@ from hessmpi.checkpoint import BackgroundWriter, CheckpointError, checkpoint_pat
 from hessmpi.comm import Communicator
 from hessmpi.data import Sampler, read_shard
 from hessmpi.errors import NonFiniteLoss, RunFailed, RunStopped, UsageError
-from hessmpi.metrics import MetricsFile
+from hessmpi.metrics import DIAGNOSTICS, MetricsFile
 from hessmpi.models import build_model
 from hessmpi.objective import Objective
 from hessmpi.optim import StepInfo, build_optimizer
@@ -356,6 +356,8 @@ class Run(Training):
                     "wall_time": time.perf_counter() - started, "train_loss": info.loss,
                     "grad_evals": self.objective.grad_evals,
                     "forward_evals": self.objective.forward_evals,
+                    "curvature_evals": self.objective.curvature_evals,
+                    **{k: info.diagnostics.get(k, math.nan) for k in DIAGNOSTICS},
                     "grad_norm": float(self.backend.xp.linalg.norm(self.objective.grad)),
                     "step_norm": self.optimizer.last_step_norm, "fallback": info.fallback,
                     "rank_kept": info.rank_kept, "t_grad": interval.mean("t_grad"),

@@ -86,4 +86,4 @@ class EntropySGD:
         theta -= self._step
         self.gamma *= 1.0 + o.entropy_scoping
         self.steps += 1
-        return StepInfo(loss, diagnostics={"entropy_gamma": self.gamma})
+        return StepInfo(loss)

@@ -12,7 +12,7 @@ from hessmpi.metrics import COLUMNS, MetricsFile, read_metrics
 CONTRACT_COLUMNS = ["step", "epoch", "wall_time", "train_loss", "grad_evals", "grad_norm",
                     "step_norm", "fallback", "rank_kept", "t_grad", "t_comm", "t_solve",
                     "bytes_sent", "test_loss", "test_acc"]
-ADDED_COLUMNS = ["forward_evals"]
+ADDED_COLUMNS = ["forward_evals", "curvature_evals", "cg_iters", "hf_lambda"]
 # grad_evals counts a probe on a fraction of the batch as that fraction: a float.
 INTEGER_COLUMNS = {"step", "fallback", "rank_kept", "bytes_sent", "forward_evals"}
 
@@ -120,3 +120,27 @@ def test_read_metrics_rejects_foreign_files(tmp_path):
         f["x"] = np.zeros(3)
     with pytest.raises(KeyError):
         read_metrics(other)
+
+
+def test_a_file_written_before_the_added_columns_reads_and_resumes(tmp_path):
+    """A metrics.h5 without curvature_evals, cg_iters and hf_lambda (written before they
+    existed): read_metrics fills them (0, NaN, NaN), and reopening adds them at that length
+    so appends line up."""
+    from hessmpi.metrics import ADDED
+
+    path = tmp_path / "old.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["status"] = "finished"
+        for name, dtype in COLUMNS.items():
+            if name not in ADDED:
+                f.create_dataset(f"metrics/{name}", data=np.arange(3, dtype=dtype) + 1,
+                                 maxshape=(None,))
+    _, cols = read_metrics(path)
+    assert cols["curvature_evals"].tolist() == [0.0] * 3
+    assert np.isnan(cols["cg_iters"]).all() and len(cols["hf_lambda"]) == 3
+    metrics = MetricsFile.reopen(path, 2, {})
+    metrics.append([{**row(7), "step": 3}])
+    _, cols = read_metrics(path)
+    assert cols["step"].tolist() == [1, 2, 3]
+    assert cols["curvature_evals"][:2].tolist() == [0.0, 0.0]
+    assert cols["cg_iters"][-1] == row(7)["cg_iters"]
