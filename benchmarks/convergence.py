@@ -495,7 +495,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        launch.serve(worker, sys.argv[2:])
-    else:
-        main()
+    launch.script(worker, main)

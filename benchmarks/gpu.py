@@ -11,7 +11,6 @@ rank with one BLAS thread (one core). Steps run by their public parts
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -125,7 +124,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        launch.serve(worker, sys.argv[2:])
-    else:
-        main()
+    launch.script(worker, main)

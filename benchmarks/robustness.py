@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -274,11 +273,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-anchor", dest="anchor", action="store_false",
                     help="skip SciPy's L-BFGS-B")
     ap.add_argument("--report", type=Path, metavar="JSON", help="print the tables of a result")
-    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.worker:
-        launch.serve(worker, args.worker)
-        return
     if args.report:
         report(json.loads(args.report.read_text()))
         return
@@ -291,4 +286,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    launch.script(worker, main)

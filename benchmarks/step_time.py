@@ -15,7 +15,6 @@ bench-results/step_time.json. See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -249,7 +248,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        launch.serve(worker, sys.argv[2:])
-    else:
-        main()
+    launch.script(worker, main)

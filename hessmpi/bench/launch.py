@@ -110,6 +110,16 @@ def serve(worker, argv: list[str]) -> None:
     MPI.COMM_WORLD.Barrier()
 
 
+def script(worker, main, argv: list[str] | None = None) -> None:
+    """A benchmark script's entry point: ``SCRIPT --worker SPEC RESULT`` (as :func:`start`
+    runs it under mpiexec) serves ``worker``; anything else runs ``main()`` (the parent)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        serve(worker, argv[1:])
+    else:
+        main()
+
+
 def context(device: str = "cpu", dtype: str = "float32", threads: int = 0, *, world=None):
     """(Communicator, Backend) of this rank over ``world`` (default COMM_WORLD), chosen as
     ``hessmpi train`` chooses them: BLAS threads = the node's cores shared by its ranks
