@@ -62,7 +62,7 @@ def _either(*rules: dict) -> dict[str, tuple[dict[str, tuple], ...]]:
 
 
 SGD, SECANT, DEFLATED = "sgd", "secant", "deflated"
-HESSIAN_FREE, ENTROPY_SGD = "hessian_free", "entropy_sgd"
+HESSIAN_FREE, ENTROPY_SGD, ADAM = "hessian_free", "entropy_sgd", "adam"
 QUASI_NEWTON = (SECANT, DEFLATED)
 
 
@@ -90,14 +90,18 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "name": Option("sgd", "str", "optimizer: data-parallel SGD, SGD accelerated by the "
                        "workers' secant pairs, the deflated variant that tracks the top "
                        "Hessian eigenspace (ALGORITHM.md s.1-2, 7), and the comparators "
-                       "distributed Hessian-free and Entropy-SGD (s.5)",
-                       choices=(SGD, SECANT, DEFLATED, HESSIAN_FREE, ENTROPY_SGD),
+                       "distributed Hessian-free and Entropy-SGD (s.5), and Adam",
+                       choices=(SGD, SECANT, DEFLATED, HESSIAN_FREE, ENTROPY_SGD, ADAM),
                        fixed=True),
         "lr": Option(0.1, "float", "SGD learning rate eta", low=0.0, low_open=True),
         "momentum": Option(0.9, "float", "momentum (for secant: beta of the momentum on d; "
-                           "for entropy_sgd: Nesterov's on the outer step)",
+                           "for entropy_sgd: Nesterov's on the outer step; for adam: beta1)",
                            low=0.0, high=0.999999,
-                           applies=_on(SGD, SECANT, DEFLATED, ENTROPY_SGD)),
+                           applies=_on(SGD, SECANT, DEFLATED, ENTROPY_SGD, ADAM)),
+        "adam_beta2": Option(0.999, "float", "adam: decay of the second-moment average",
+                             low=0.0, high=0.999999, applies=_on(ADAM)),
+        "adam_eps": Option(1e-8, "float", "adam: epsilon added to the root of the second "
+                           "moment", low=0.0, low_open=True, applies=_on(ADAM)),
         "nesterov": Option(False, "bool", "Nesterov momentum", applies=_on(SGD)),
         "weight_decay": Option(0.0, "float", "decoupled from the objective: added to the gradient",
                                low=0.0, applies=_on(SGD)),
@@ -114,7 +118,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
         # --- the secant method (ALGORITHM.md sections 1-2) ---
         "pairs": Option("probe", "str", "source of the secant pairs: the workers' probes, "
                         "their local drifts, or the steps taken (history)",
-                        choices=("probe", "shared_probe", "local", "history"),
+                        choices=("probe", "shared_probe", "local", "history", "averaged"),
                         applies=_on(SECANT),
                         fixed=True),
         "probe": Option("sgd", "str", "probe direction of pairs = probe",
@@ -132,12 +136,13 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "probe_every": Option(1, "int", "T: form new pairs every T steps (cost 1 + cost of "
                               "the probe / T gradients per step)", low=1,
                               applies=_either(
-                                  _on(SECANT, pairs=("probe", "shared_probe", "history")),
+                                  _on(SECANT, pairs=("probe", "shared_probe", "history",
+                                                     "averaged")),
                                   _on(DEFLATED))),
         "probe_batch": Option(1.0, "float", "fraction of each minibatch the probe uses (< 1: "
                               "also its base gradient there, cost 2 * fraction)",
                               low=0.0, low_open=True, high=1.0,
-                              applies=_on(SECANT, pairs=("probe",))),
+                              applies=_on(SECANT, pairs=("probe", "averaged"))),
         "local_steps": Option(4, "int", "SGD gradient evaluations per synchronisation of "
                               "pairs = local", low=2, applies=_on(SECANT, pairs=("local",))),
         "pairs_per_rank": Option(1, "int", "k: pairs each rank adds per step", low=1,

@@ -3,12 +3,13 @@
 ``sgd``: :class:`SGD`; ``secant``: :class:`Secant` (a pair source, the pair memory, the
 step rule, a line search); ``deflated``: :class:`Deflated` (basis probes over the same
 memory and exchange); the comparators ``hessian_free``: :class:`HessianFree` and
-``entropy_sgd``: :class:`EntropySGD`. Every one follows
+``entropy_sgd``: :class:`EntropySGD`; the baseline ``adam``: :class:`Adam`. Every one follows
 :class:`~hessmpi.optim.base.Optimizer`.
 """
 
 from __future__ import annotations
 
+from hessmpi.optim.adam import Adam
 from hessmpi.optim.base import Optimizer, StepInfo
 from hessmpi.optim.deflated import Deflated
 from hessmpi.optim.entropy_sgd import EntropySGD
@@ -16,7 +17,7 @@ from hessmpi.optim.hessian_free import HessianFree
 from hessmpi.optim.secant import Secant
 from hessmpi.optim.sgd import SGD
 
-__all__ = ["SGD", "Deflated", "EntropySGD", "HessianFree", "Optimizer", "Secant", "StepInfo",
+__all__ = ["SGD", "Adam", "Deflated", "EntropySGD", "HessianFree", "Optimizer", "Secant", "StepInfo",
            "build_optimizer"]
 
 #: The optimizers by ``optim.name`` (SGD is built from its options alone).
@@ -31,6 +32,8 @@ def build_optimizer(opts, theta, objective, *, seed: int) -> Optimizer:
     if opts.name == "sgd":
         return SGD(theta, momentum=opts.momentum, weight_decay=opts.weight_decay,
                    nesterov=opts.nesterov)
+    if opts.name == "adam":
+        return Adam(theta, beta1=opts.momentum, beta2=opts.adam_beta2, eps=opts.adam_eps)
     if opts.name not in METHODS:
         raise ValueError(f"unknown optimizer {opts.name!r}")
     return METHODS[opts.name](theta, objective, opts, seed=seed)

@@ -250,6 +250,73 @@ class HistoryPairs:
         self.pending = True
 
 
+class AveragedPairs:
+    """``pairs = "averaged"`` (SQN, Byrd, Hansen, Nocedal & Singer 2016): every
+    ``probe_every`` L steps the average of the last L iterates, theta_bar; the pair is
+    s = theta_bar_t - theta_bar_{t-1} and y = G(theta_bar_t) s, a Gauss-Newton product on
+    the first ``probe_batch`` of the step's global batch (one R-operator pass per rank, one
+    Allreduce of n). Averaging removes the iterates' noise from s; y carries no gradient
+    noise. One global pair per L steps, the same on any rank count; measured after the
+    step (``pending``), committed at the next. Cost: probe_batch / L curvature products per
+    step (the objective counts them as curvature_evals)."""
+
+    independent_of_ranks = True
+    reads_own_gradient = False
+
+    def __init__(self, opts, *, n: int, xp, dtype):
+        self.o, self.xp = opts, xp
+        self.contributors, self.k = 1, 1
+        self.forming, self.pending = False, False
+        self._sum = xp.zeros(n, dtype=dtype)      # sum of the iterates of this period
+        self._last = xp.zeros(n, dtype=dtype)     # theta_bar of the last period
+        self._count, self._periods = 0, 0
+        self._work = xp.zeros(n, dtype=dtype)
+
+    def cost(self) -> float:
+        return 0.0
+
+    def state(self) -> dict:
+        return {"pairs_sum": self._sum, "pairs_last": self._last,
+                "pairs_count": np.array([self._count, self._periods])}
+
+    def load_state(self, state: dict) -> None:
+        self._sum[...] = self.xp.asarray(state["pairs_sum"])
+        self._last[...] = self.xp.asarray(state["pairs_last"])
+        self._count, self._periods = (int(v) for v in state["pairs_count"])
+
+    def before_reduce(self, step: int, theta, objective, lr: float,
+                      memory: PairMemory) -> None:
+        pass
+
+    def after_reduce(self, theta, grad, memory: PairMemory, damping: float, last_step
+                     ) -> int | None:
+        if not self.pending:
+            return None
+        if damping:
+            damp_(self.xp, *memory.own_rows(memory.next_slot), damping, self._work)
+        self.pending = False
+        return memory.commit()
+
+    def after_step(self, theta, objective, memory: PairMemory, last_step) -> None:
+        self._sum += theta
+        self._count += 1
+        if self._count < self.o.probe_every:
+            return
+        average = self._work
+        self.xp.multiply(self._sum, 1.0 / self._count, out=average)
+        self._sum[...] = 0
+        self._count = 0
+        self._periods += 1
+        if self._periods > 1:
+            s_rows, y_rows = memory.own_rows(memory.next_slot)
+            self.xp.subtract(average, self._last, out=s_rows[0])
+            rows = slice(0, max(1, math.ceil(round(self.o.probe_batch * objective.batch_rows,
+                                                      9))))
+            objective.curvature_product(average, s_rows[0], y_rows[0], rows=rows)
+            self.pending = True
+        self._last[...] = average
+
+
 def build_pair_source(opts, *, n: int, comm, seed: int, full_batch: bool, xp, dtype,
                       exchange):
     """The pair source of ``opts.pairs``."""
@@ -258,6 +325,8 @@ def build_pair_source(opts, *, n: int, comm, seed: int, full_batch: bool, xp, dt
                           exchange=exchange)
     if opts.pairs == "shared_probe":
         return SharedProbePairs(opts, n=n, xp=xp, dtype=dtype)
+    if opts.pairs == "averaged":
+        return AveragedPairs(opts, n=n, xp=xp, dtype=dtype)
     if opts.pairs == "local":
         return DriftPairs(opts, n=n, comm=comm, xp=xp, dtype=dtype, exchange=exchange)
     return HistoryPairs(opts, n=n, full_batch=full_batch, xp=xp, dtype=dtype)

@@ -81,7 +81,8 @@ class Secant:
         memory = self.memory
         ring = [memory.filled, memory.next_slot, self.steps, self.source.pending]
         return {"velocity": self.velocity, **memory.state(), "ring": np.array(ring),
-                "counts": np.array(list(self.counts.values()))}
+                "counts": np.array(list(self.counts.values())),
+                **(self.source.state() if hasattr(self.source, "state") else {})}
 
     def load_state(self, state: dict, same_layout: bool) -> None:
         """With another rank count (``same_layout`` false) the workers' pairs do not fit the
@@ -91,6 +92,8 @@ class Secant:
         if same_layout or self.source.independent_of_ranks:
             self.memory.load_state(state, filled=ring[0], next_slot=ring[1])
             self.source.pending = bool(ring[3]) if len(ring) > 3 else False
+            if hasattr(self.source, "load_state"):
+                self.source.load_state(state)
 
     def counters(self) -> dict[str, int]:
         return dict(self.counts)
