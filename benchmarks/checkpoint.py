@@ -10,8 +10,9 @@ config TOML) is written with ``hessmpi.checkpoint.write_checkpoint`` and read ba
 and read with ``numpy.load``, in the same run, interleaved with the checkpoint
 repetitions. Medians over the repetitions.
 
-- write: the whole of write_checkpoint: HDF5 through a Python file object, the BLAKE2b
-  checksum, fsync of the file and of its directory, rename. ``fsync`` is the time spent in
+- write: the whole of write_checkpoint: HDF5 to a temporary file, the BLAKE2b checksum of
+  the arrays, the seal (a digest of the file's bytes), fsync of the file and of its
+  directory, rename. ``fsync`` is the time spent in
   os.fsync inside those calls (timed by wrapping os.fsync); ``checksum`` the time of
   ``checksum()`` of the same arrays alone. numpy.save has no checksum and no fsync.
 - read: read_checkpoint (open, read every array, verify the checksum) and numpy.load,
