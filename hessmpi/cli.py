@@ -127,8 +127,10 @@ def _train(args) -> int:
     from hessmpi import config
     from hessmpi.backend import blas_threads, make_backend, node_layout
     from hessmpi.comm import Communicator, cuda_aware_mpi
+    from hessmpi.rundir import claim_on_rank0
 
     comm = Communicator(MPI.COMM_WORLD)
+    lock = None
     try:
         _check_launch(comm.size)
         resume = None
@@ -136,11 +138,13 @@ def _train(args) -> int:
             if args.config is not None or args.out is not None:
                 raise UsageError("--resume OUT continues the run in OUT with its own config: "
                                  "give no --config or --out with it")
-            cfg, resume = _resumable(comm, args.resume, args.set)
             out = args.resume
+            lock = claim_on_rank0(comm, out, resuming=True)
+            cfg, resume = _resumable(comm, out, args.set)
         else:
             cfg = comm.collectively(config.load, args.config, args.set)
             out = comm.bcast(args.out or _default_out(cfg))
+            lock = claim_on_rank0(comm, out, resuming=False)
         bcfg = cfg["backend"]
         local_rank, _, affinities = node_layout(comm.comm)
         threads = bcfg["threads"] or blas_threads(local_rank, affinities)
@@ -179,9 +183,14 @@ def _train(args) -> int:
         cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         print(f"hessmpi: error on {where}: {cause}; ending all ranks", file=sys.stderr,
               flush=True)
+        if lock is not None:
+            lock.release()
         if comm.size > 1:
             comm.abort(1)
         return 1
+    finally:
+        if lock is not None:
+            lock.release()
     if comm.rank == 0:
         print(f"hessmpi: finished {summary['steps']} steps in {summary['wall_time']:.1f} s: "
               f"train loss {summary['train_loss']:.4g}, test loss {summary['test_loss']:.4g}, "
