@@ -221,18 +221,31 @@ def _check_launch(size: int) -> None:
 def _resumable(comm, out: Path, overrides: list[str]):
     """(config, (arrays, attrs)) to resume run directory ``out``: rank 0 picks the newest
     checkpoint that verifies and belongs to this run (same model, data and optimizer as the
-    run's metrics.h5), every rank reads it; ``overrides`` apply on top of its config."""
+    run's metrics.h5), every rank reads it; ``overrides`` apply on top of its config. A
+    missing or damaged metrics.h5 is rebuilt from that checkpoint (rank 0 holds the lock)."""
     from hessmpi import config
-    from hessmpi.checkpoint import CheckpointError, newest_valid, read_checkpoint
-    from hessmpi.metrics import read_metrics
+    from hessmpi.checkpoint import CheckpointError, list_checkpoints, newest_valid, read_checkpoint
+    from hessmpi.metrics import read_metrics, rebuild
+    from hessmpi.sealed import DamagedFile
+
+    def warn(message: str) -> None:
+        print(f"hessmpi: warning: {message}", file=sys.stderr, flush=True)
 
     def pick() -> Path | None:
         if comm.rank != 0:
             return None
-        try:
-            own = config.from_toml(read_metrics(out / "metrics.h5")[0]["config"])
-        except (OSError, KeyError, ValueError) as e:
-            raise UsageError(f"{out} holds no readable run to resume (metrics.h5: {e})") from None
+        results, own = out / "metrics.h5", None
+        if not results.exists():
+            if not list_checkpoints(out):
+                raise UsageError(f"{out} holds no run to resume (no metrics.h5, no checkpoints)")
+            warn(f"{out} has no metrics.h5")
+        else:
+            try:
+                own = config.from_toml(read_metrics(results)[0]["config"])
+            except DamagedFile as e:
+                warn(str(e))
+            except (UsageError, KeyError, ValueError) as e:
+                warn(f"{results} holds no usable configuration ({e})")
 
         def accept(path, attrs):
             missing = [k for k in ("step", "epoch", "grad_evals", "wall_time", "config",
@@ -245,13 +258,15 @@ def _resumable(comm, out: Path, overrides: list[str]):
             except (UsageError, ValueError) as e:  # ValueError: tomllib.TOMLDecodeError
                 raise CheckpointError(f"{path} holds a configuration this hessmpi cannot "
                                       f"use ({e})") from None
-            differ = config.fixed_keys_differ(theirs, own)
+            differ = config.fixed_keys_differ(theirs, own) if own else []
             if differ:
                 raise CheckpointError(f"{path} belongs to another run ({', '.join(differ)} "
                                       "differ from this run's metrics.h5)")
 
-        return newest_valid(out, accept, warn=lambda m: print(f"hessmpi: warning: {m}",
-                                                              file=sys.stderr, flush=True))
+        path = newest_valid(out, accept, warn=warn)
+        if own is None:   # metrics.h5 missing or unusable
+            warn(rebuild(results, *read_checkpoint(path), path.name))
+        return path
 
     path = comm.bcast(comm.collectively(pick))
     arrays, attrs = comm.collectively(read_checkpoint, path)
