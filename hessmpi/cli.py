@@ -130,6 +130,7 @@ def _train(args) -> int:
     from hessmpi.rundir import claim_on_rank0
 
     comm = Communicator(MPI.COMM_WORLD)
+    _numpy_warnings_once(comm.rank)
     lock = None
     try:
         _check_launch(comm.size)
@@ -197,6 +198,24 @@ def _train(args) -> int:
               f"test accuracy {summary['test_acc']:.4f}; results in {out}/metrics.h5",
               flush=True)
     return 0
+
+
+def _numpy_warnings_once(rank: int) -> None:
+    """NumPy's floating-point warnings (overflow, invalid value, division by zero: a run
+    going wrong) become one line from rank 0, the first time, instead of source lines."""
+    import numpy as np
+
+    said = []
+
+    def once(kind: str, flag: int) -> None:
+        if rank == 0 and not said:
+            said.append(kind)
+            print(f"hessmpi: warning: floating-point {kind} (numbers out of range): the "
+                  "run may be diverging; if it fails, lower optim.lr", file=sys.stderr,
+                  flush=True)
+
+    np.seterrcall(once)
+    np.seterr(over="call", invalid="call", divide="call")
 
 
 def _check_launch(size: int) -> None:
