@@ -548,9 +548,15 @@ def test_kill_9_of_one_rank_ends_the_job_and_the_run_resumes(victim, data, tmp_p
     for _, older in listed[1:]:
         read_checkpoint(older)
 
+    # rank 0 was killed (by hydra, if another rank died) before it could mark the run: the
+    # file says running, the lock it left says its process is gone
+    assert read_metrics(out / "metrics.h5")[0]["status"] == "running"
+    report = hessmpi("report", out)
+    assert report.rc == 0 and "killed" in report.stdout, str(report)
     end = newest + 2 * EVERY
     result = ok(resume(out, f"train.steps={end}"))
     assert f"from {path.name}" in result.stdout, str(result)
+    assert "took over the stale lock" in result.stderr, str(result)
     arrays, attrs = final_checkpoint(out, end)
     assert attrs["step"] == end and np.isfinite(arrays["params"]).all()
     m_attrs, got = read_metrics(out / "metrics.h5")
