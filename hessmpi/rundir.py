@@ -3,20 +3,21 @@ run left results or checkpoints.
 
 Rank 0 takes the lock, OUT/hessmpi.lock, before anything is written in OUT, and releases it
 on every exit it sees. The lock file says who holds it (host, pid, the process's start, the
-command, since when), so a second ``train`` or ``--resume`` on OUT is refused naming the
-holder. A lock left by a process that is gone from this host (a run ended by SIGKILL, or by
-MPI_Abort from another rank) is stale: it is taken over with a warning. A lock taken on
-another host cannot be checked from here: the message says how to remove it. Readers
-(``report``) take no lock.
+SLURM job, the command, since when), so a second ``train`` or ``--resume`` on OUT is refused
+naming the holder. A lock whose process is known to have ended is stale and is taken over
+with a warning: one from a process gone from this host (a run ended by SIGKILL, or by
+MPI_Abort from another rank), or from an earlier attempt of this requeued SLURM job. Any
+other lock from another host cannot be checked from here: the message says how to remove
+it. Readers (``report``) take no lock.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,9 +44,19 @@ def _boot_id() -> str:
         return ""
 
 
+def _slurm_attempt() -> tuple[str | None, int]:
+    """(SLURM job id, restart count) of this process; (None, 0) outside SLURM."""
+    return os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
 def _gone(holder: dict) -> bool:
-    """Whether the process that took a lock is known to have ended: it ran on this host, and
-    the host has rebooted since or has no process of that pid and start time."""
+    """Whether the process that took a lock is known to have ended: an earlier attempt of
+    this requeued SLURM job (SLURM starts an attempt after the last one ended), or a process
+    of this host, which has rebooted since or has no process of that pid and start time."""
+    job, restart = _slurm_attempt()
+    if job is not None and holder.get("slurm_job") == job \
+            and holder.get("slurm_restart", 0) < restart:
+        return True
     if holder.get("host") != socket.gethostname() or _started(os.getpid()) is None:
         return False
     return holder.get("boot") != _boot_id() or _started(holder["pid"]) != holder.get("start")
@@ -68,18 +79,29 @@ def _read(path: Path) -> tuple[str | None, dict | None]:
         else None
 
 
+def _read_settled(path: Path) -> tuple[str | None, dict | None]:
+    """``_read``, waiting up to a second for a lock that another process is writing."""
+    for _ in range(20):
+        text, holder = _read(path)
+        if text is None or holder is not None:
+            break
+        time.sleep(0.05)
+    return text, holder
+
+
 def _refusal(out: Path, path: Path, holder: dict | None) -> str:
     if holder is None:
         return (f"{out} is locked: {path} exists but cannot be read (a run starting this "
                 f"instant, or a damaged lock); if no run uses {out}, remove {path}")
     who = (f"'{holder.get('command')}' (pid {holder['pid']} on host {holder.get('host')}, "
            f"since {holder.get('since')})")
+    if _gone(holder):
+        return (f"{out} is locked by {who}, which is no longer running, and the stale lock "
+                f"could not be taken over (another process is taking it over, or left "
+                f"{path}.takeover behind); remove {path} and {path}.takeover and try again")
     if holder.get("host") != socket.gethostname():
         return (f"{out} is in use by {who}; whether it still runs cannot be checked from this "
                 f"host: if it does not, remove {path} and try again")
-    if _gone(holder):
-        return (f"{out} is locked by {who}, which is no longer running, and the stale lock "
-                f"could not be taken over; remove {path} and try again")
     return f"{out} is in use by {who}; wait for it to end, or choose another --out"
 
 
@@ -90,8 +112,10 @@ class RunLock:
     def __init__(self, out: Path, created: bool = False):
         self.out, self.path, self.created = Path(out), Path(out) / LOCK, created
         pid = os.getpid()
+        job, restart = _slurm_attempt()
         self.me = {"host": socket.gethostname(), "pid": pid, "start": _started(pid),
-                   "boot": _boot_id(), "since": datetime.now(UTC).isoformat(timespec="seconds"),
+                   "boot": _boot_id(), "slurm_job": job, "slurm_restart": restart,
+                   "since": datetime.now(UTC).isoformat(timespec="seconds"),
                    "command": " ".join(["hessmpi", *sys.argv[1:]])}
 
     def take(self) -> RunLock:
@@ -100,16 +124,17 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                text, holder = _read(self.path)
+                text, holder = _read_settled(self.path)
                 if text is None:          # released meanwhile: try again
                     continue
-                if holder is None or not _gone(holder) or not self._remove_stale(text):
+                if holder is None or not _gone(holder):
                     raise UsageError(_refusal(self.out, self.path, holder)) from None
-                print(f"hessmpi: warning: took over the stale lock {self.path} of "
-                      f"'{holder.get('command')}' (pid {holder['pid']} on this host, since "
-                      f"{holder.get('since')}), which is no longer running",
-                      file=sys.stderr, flush=True)
-                continue
+                if self._remove_stale(text):
+                    print(f"hessmpi: warning: took over the stale lock {self.path} of "
+                          f"'{holder.get('command')}' (pid {holder['pid']} on host "
+                          f"{holder.get('host')}, since {holder.get('since')}), which is no "
+                          "longer running", file=sys.stderr, flush=True)
+                continue                  # taken over, or changed meanwhile: look again
             except OSError as e:
                 raise UsageError(f"cannot write in {self.out}: {e.strerror}") from None
             with os.fdopen(fd, "w") as f:
@@ -117,22 +142,30 @@ class RunLock:
             return self
 
     def _remove_stale(self, text: str) -> bool:
-        """Remove the lock file if it still reads ``text``. Takeovers on this host take
-        turns under a flock of OUT, so two of them never remove each other's new lock."""
+        """Remove the lock file if it still reads ``text`` (False if it changed meanwhile).
+        Takeovers take turns through the guard file LOCK.takeover (created O_EXCL, removed
+        after), so that two of them never remove each other's new lock; UsageError if the
+        guard stays taken."""
+        guard = self.path.with_name(f"{LOCK}.takeover")
         try:
-            fd = os.open(self.out, os.O_RDONLY)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if _read(self.path)[0] != text:
-                return False
-            self.path.unlink()
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
+            for _ in range(40):
+                try:
+                    os.close(os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                    break
+                except FileExistsError:
+                    time.sleep(0.05)
+            else:
+                raise UsageError(_refusal(self.out, self.path, _read(self.path)[1]))
+            try:
+                if _read(self.path)[0] != text:
+                    return False
+                self.path.unlink()
+                return True
+            finally:
+                guard.unlink(missing_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot take over the stale lock {self.path}: {e.strerror}") \
+                from None
 
     def release(self) -> None:
         """Remove the lock if it is still this process's (safe to call more than once)."""

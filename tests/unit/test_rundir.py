@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import socket
 import subprocess
+import threading
 import time
 
 import h5py
@@ -69,6 +70,31 @@ def test_a_stale_lock_on_this_host_is_taken_over_with_a_warning(tmp_path, capsys
     lock.release()
 
 
+def test_an_earlier_attempt_of_this_requeued_slurm_job_is_taken_over(tmp_path, capsys,
+                                                                     monkeypatch):
+    """SLURM starts a requeued job's next attempt only after the last one ended, on
+    whichever node: its lock is stale even from another host."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    for refused in (holder(host="node-a", slurm_job="77", slurm_restart=2),   # this attempt
+                    holder(host="node-a", slurm_job="78", slurm_restart=0)):  # another job
+        write_lock(tmp_path, refused)
+        with pytest.raises(UsageError, match="cannot be checked from this host"):
+            RunLock(tmp_path).take()
+    write_lock(tmp_path, holder(host="node-a", slurm_job="77", slurm_restart=1))
+    lock = RunLock(tmp_path).take()
+    assert "took over the stale lock" in capsys.readouterr().err
+    assert lock.me["slurm_job"] == "77" and lock.me["slurm_restart"] == 2
+    lock.release()
+
+
+def test_a_takeover_left_unfinished_is_refused_saying_what_to_remove(tmp_path):
+    write_lock(tmp_path, holder(pid=dead_pid()))
+    (tmp_path / f"{LOCK}.takeover").write_text("")
+    with pytest.raises(UsageError, match=f"{LOCK}.takeover behind.*remove {tmp_path / LOCK} and"):
+        RunLock(tmp_path).take()
+
+
 def test_a_lock_from_another_host_is_refused_saying_how_to_remove_it(tmp_path):
     write_lock(tmp_path, holder(host="node-elsewhere", pid=dead_pid()))
     with pytest.raises(UsageError) as info:
@@ -84,6 +110,15 @@ def test_an_unreadable_lock_is_refused_saying_how_to_remove_it(tmp_path, content
     with pytest.raises(UsageError, match=f"cannot be read.*remove {tmp_path / LOCK}"):
         RunLock(tmp_path).take()
     assert (tmp_path / LOCK).read_text() == content
+
+
+def test_a_lock_being_written_this_instant_is_read_once_written(tmp_path):
+    """Created (O_EXCL) and then written: a second run starting at the same instant waits
+    for the content instead of calling the lock unreadable."""
+    write_lock(tmp_path, "")
+    threading.Timer(0.2, write_lock, (tmp_path, holder())).start()
+    with pytest.raises(UsageError, match="in use by"):
+        RunLock(tmp_path).take()
 
 
 def test_release_leaves_a_lock_that_is_not_its_own(tmp_path):
