@@ -3,11 +3,12 @@
     .venv/bin/python benchmarks/checkpoint.py
     .venv/bin/python benchmarks/checkpoint.py --sizes 1e5 1e6 --reps 9 --dir /scratch/me
 
-For n = 1e5, 1e6, 1e7 float32 parameters (and the MLP's 269,322): write_checkpoint and
-read_checkpoint (cold page cache where the kernel allows) against numpy.save/load of the same
-arrays, interleaved, medians; an fsync of as many bytes and checksum() timed apart; one MLP
-training step; then the cost of ``checkpoint.every = 100`` through the BackgroundWriter, as
-side-by-side pairs of 100-step blocks (aim: under 2 %). Saves bench-results/checkpoint.json.
+For n = 1e5, 1e6, 1e7 float32 parameters (and the MLP's 269,322): write_checkpoint (its
+seal, a digest of the file's bytes, included) and read_checkpoint (cold page cache where the
+kernel allows) against numpy.save/load of the same arrays, interleaved, medians; an fsync
+of as many bytes and checksum() timed apart; one MLP training step; then the cost of
+``checkpoint.every = 100`` through the BackgroundWriter, as side-by-side pairs of 100-step
+blocks (aim: under 2 %). Saves bench-results/checkpoint.json.
 """
 
 from __future__ import annotations

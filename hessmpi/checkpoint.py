@@ -3,9 +3,11 @@
 A checkpoint holds named arrays (``params``, ``optim/<name>``, ``sampler`` (P, 2): every
 rank's (epoch, position)) and root attributes (format, step, config TOML, MPI size,
 hessmpi version, model signature, counters) plus a BLAKE2b checksum over every array's name,
-dtype, shape and bytes. It is written to a temporary name in the same directory, flushed
-and fsynced, then renamed into place, so a run killed at any instant leaves the previous
-checkpoint whole.
+dtype, shape and bytes; a training checkpoint also carries the rows of OUT/metrics.h5 up to
+its step (``metrics/<column>``), from which a damaged results file is rebuilt. It is written
+to a temporary name in the same directory, sealed (``sealed``: a digest of the file's bytes,
+checked before the file is opened), fsynced, then renamed into place, so a run killed at any
+instant leaves the previous checkpoint whole.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from hessmpi.errors import UsageError
+from hessmpi.metrics import read_metrics
+from hessmpi.sealed import USERBLOCK, check, seal
 
 FORMAT = "hessmpi-checkpoint-1"
 NAME = re.compile(r"^ckpt_(\d+)\.h5$")
@@ -55,22 +59,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_checkpoint(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-    """Write ``arrays`` (host arrays) and ``attrs`` to ``path`` atomically, with checksum."""
+    """Write ``arrays`` (host arrays) and ``attrs`` to ``path`` atomically, with checksum,
+    sealed."""
     import h5py
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as raw:
-            with h5py.File(raw, "w") as f:
-                for name, a in arrays.items():
-                    f.create_dataset(name, data=np.asarray(a))
-                f.attrs.update(attrs)
-                f.attrs["format"] = FORMAT
-                f.attrs["checksum"] = checksum(arrays)
-            raw.flush()
-            os.fsync(raw.fileno())
+        with h5py.File(tmp, "w", userblock_size=USERBLOCK) as f:
+            for name, a in arrays.items():
+                f.create_dataset(name, data=np.asarray(a))
+            f.attrs.update(attrs)
+            f.attrs["format"] = FORMAT
+            f.attrs["checksum"] = checksum(arrays)
+        seal(tmp, fsync=True)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -78,11 +81,13 @@ def write_checkpoint(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> 
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """(arrays, attrs) of a checkpoint whose checksum verifies; CheckpointError otherwise."""
+    """(arrays, attrs) of a checkpoint whose seal and checksum verify; CheckpointError
+    otherwise (an unsealed file, written by an older hessmpi, is opened unchecked)."""
     import h5py
 
     arrays: dict[str, np.ndarray] = {}
     try:
+        check(path)
         with h5py.File(path, "r") as f:
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
             if attrs.get("format") != FORMAT:
@@ -92,7 +97,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict]:
                          if isinstance(obj, h5py.Dataset) else None)
     except CheckpointError:
         raise
-    except (OSError, KeyError, ValueError, RuntimeError) as e:
+    except UsageError as e:  # sealed.DamagedFile
+        raise CheckpointError(str(e)) from None
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{path} cannot be read (damaged or truncated): {e}") from None
     if checksum(arrays) != attrs.get("checksum"):
         raise CheckpointError(f"{path} fails its checksum (damaged)")
@@ -136,8 +143,8 @@ class BackgroundWriter:
 
     def _write(self, path: Path, arrays: dict, attrs: dict) -> None:
         try:
-            write_checkpoint(path, arrays, attrs)
-            prune(self.out, self.keep)
+            write_checkpoint(path, {**arrays, **results_rows(self.out, attrs["step"])}, attrs)
+            prune(self.out, self.keep, attrs["step"])
         except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = e
 
@@ -156,10 +163,22 @@ class BackgroundWriter:
             raise error
 
 
-def prune(out: Path, keep: int) -> None:
-    """Remove all but the ``keep`` newest checkpoints, and temporary files that a writer
-    killed mid-write left behind (called after a new checkpoint is in place)."""
-    for _, path in list_checkpoints(out)[keep:]:
+def results_rows(out: Path, step: int) -> dict[str, np.ndarray]:
+    """The rows of OUT/metrics.h5 up to ``step`` as checkpoint arrays ``metrics/<column>``;
+    none if that file cannot be read (the checkpoint is written all the same)."""
+    try:
+        _, cols = read_metrics(Path(out) / "metrics.h5")
+    except (OSError, UsageError):
+        return {}
+    upto = cols["step"] <= step
+    return {f"metrics/{name}": c[upto] for name, c in cols.items()}
+
+
+def prune(out: Path, keep: int, step: int) -> None:
+    """After the checkpoint of ``step`` is in place: remove all but the ``keep`` newest
+    checkpoints up to ``step`` (later ones, not of this run's history, are never removed),
+    and the temporary files a writer killed mid-write left behind."""
+    for _, path in [c for c in list_checkpoints(out) if c[0] <= step][keep:]:
         path.unlink(missing_ok=True)
     for tmp in checkpoint_dir(out).glob(".ckpt_*.h5.tmp*"):
         tmp.unlink(missing_ok=True)

@@ -134,8 +134,11 @@ def _train(args) -> int:
     from hessmpi import config
     from hessmpi.backend import blas_threads, make_backend, node_layout
     from hessmpi.comm import Communicator, cuda_aware_mpi
+    from hessmpi.rundir import claim_on_rank0
 
     comm = Communicator(MPI.COMM_WORLD)
+    _numpy_warnings_once(comm.rank)
+    lock = None
     try:
         _check_launch(comm.size)
         resume = None
@@ -143,11 +146,13 @@ def _train(args) -> int:
             if args.config is not None or args.out is not None:
                 raise UsageError("--resume OUT continues the run in OUT with its own config: "
                                  "give no --config or --out with it")
-            cfg, resume = _resumable(comm, args.resume, args.set)
             out = args.resume
+            lock = claim_on_rank0(comm, out, resuming=True)
+            cfg, resume = _resumable(comm, out, args.set)
         else:
             cfg = comm.collectively(config.load, args.config, args.set)
             out = comm.bcast(args.out or _default_out(cfg))
+            lock = claim_on_rank0(comm, out, resuming=False)
         bcfg = cfg["backend"]
         local_rank, _, affinities = node_layout(comm.comm)
         threads = bcfg["threads"] or blas_threads(local_rank, affinities)
@@ -186,15 +191,38 @@ def _train(args) -> int:
         cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         print(f"hessmpi: error on {where}: {cause}; ending all ranks", file=sys.stderr,
               flush=True)
+        if lock is not None:
+            lock.release()
         if comm.size > 1:
             comm.abort(1)
         return 1
+    finally:
+        if lock is not None:
+            lock.release()
     if comm.rank == 0:
         print(f"hessmpi: finished {summary['steps']} steps in {summary['wall_time']:.1f} s: "
               f"train loss {summary['train_loss']:.4g}, test loss {summary['test_loss']:.4g}, "
               f"test accuracy {summary['test_acc']:.4f}; results in {out}/metrics.h5",
               flush=True)
     return 0
+
+
+def _numpy_warnings_once(rank: int) -> None:
+    """NumPy's floating-point warnings (overflow, invalid value, division by zero: a run
+    going wrong) become one line from rank 0, the first time, instead of source lines."""
+    import numpy as np
+
+    said = []
+
+    def once(kind: str, flag: int) -> None:
+        if rank == 0 and not said:
+            said.append(kind)
+            print(f"hessmpi: warning: floating-point {kind} (numbers out of range): the "
+                  "run may be diverging; if it fails, lower optim.lr", file=sys.stderr,
+                  flush=True)
+
+    np.seterrcall(once)
+    np.seterr(over="call", invalid="call", divide="call")
 
 
 def _check_launch(size: int) -> None:
@@ -219,18 +247,31 @@ def _check_launch(size: int) -> None:
 def _resumable(comm, out: Path, overrides: list[str]):
     """(config, (arrays, attrs)) to resume run directory ``out``: rank 0 picks the newest
     checkpoint that verifies and belongs to this run (same model, data and optimizer as the
-    run's metrics.h5), every rank reads it; ``overrides`` apply on top of its config."""
+    run's metrics.h5), every rank reads it; ``overrides`` apply on top of its config. A
+    missing or damaged metrics.h5 is rebuilt from that checkpoint (rank 0 holds the lock)."""
     from hessmpi import config
-    from hessmpi.checkpoint import CheckpointError, newest_valid, read_checkpoint
-    from hessmpi.metrics import read_metrics
+    from hessmpi.checkpoint import CheckpointError, list_checkpoints, newest_valid, read_checkpoint
+    from hessmpi.metrics import read_metrics, rebuild
+    from hessmpi.sealed import DamagedFile
+
+    def warn(message: str) -> None:
+        print(f"hessmpi: warning: {message}", file=sys.stderr, flush=True)
 
     def pick() -> Path | None:
         if comm.rank != 0:
             return None
-        try:
-            own = config.from_toml(read_metrics(out / "metrics.h5")[0]["config"])
-        except (OSError, KeyError, ValueError) as e:
-            raise UsageError(f"{out} holds no readable run to resume (metrics.h5: {e})") from None
+        results, own = out / "metrics.h5", None
+        if not results.exists():
+            if not list_checkpoints(out):
+                raise UsageError(f"{out} holds no run to resume (no metrics.h5, no checkpoints)")
+            warn(f"{out} has no metrics.h5")
+        else:
+            try:
+                own = config.from_toml(read_metrics(results)[0]["config"])
+            except DamagedFile as e:
+                warn(str(e))
+            except (UsageError, KeyError, ValueError) as e:
+                warn(f"{results} holds no usable configuration ({e})")
 
         def accept(path, attrs):
             missing = [k for k in ("step", "epoch", "grad_evals", "wall_time", "config",
@@ -243,13 +284,15 @@ def _resumable(comm, out: Path, overrides: list[str]):
             except (UsageError, ValueError) as e:  # ValueError: tomllib.TOMLDecodeError
                 raise CheckpointError(f"{path} holds a configuration this hessmpi cannot "
                                       f"use ({e})") from None
-            differ = config.fixed_keys_differ(theirs, own)
+            differ = config.fixed_keys_differ(theirs, own) if own else []
             if differ:
                 raise CheckpointError(f"{path} belongs to another run ({', '.join(differ)} "
                                       "differ from this run's metrics.h5)")
 
-        return newest_valid(out, accept, warn=lambda m: print(f"hessmpi: warning: {m}",
-                                                              file=sys.stderr, flush=True))
+        path = newest_valid(out, accept, warn=warn)
+        if own is None:   # metrics.h5 missing or unusable
+            warn(rebuild(results, *read_checkpoint(path), path.name))
+        return path
 
     path = comm.bcast(comm.collectively(pick))
     arrays, attrs = comm.collectively(read_checkpoint, path)

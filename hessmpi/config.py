@@ -214,7 +214,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
                               "parameters (0: never)", low=0),
     },
     "train": {
-        "steps": Option(1000, "int", "total optimizer steps", low=1),
+        "steps": Option(1000, "int", "total optimizer steps", low=1, high=1e12),
         "batch_size": Option(64, "int", "minibatch size per rank (0: the rank's whole shard, "
                              "i.e. full batch on any number of ranks)", low=0, fixed=True),
         "seed": Option(0, "int", "seed of initialisation and sampling", low=0, fixed=True),

@@ -86,9 +86,10 @@ def read_shard(path: str | Path, split: str, rank: int, size: int, *, equal: boo
             n_classes = int(f.attrs.get("n_classes", 0))
             if n_classes < 2:
                 raise UsageError(f"dataset {path}: root attribute n_classes missing or < 2")
+            _check_split(path, f, split, size, equal)
             start, stop = shard_bounds(x.shape[0], rank, size, equal)
             xs = x[start:stop]
-            ys = y[start:stop].astype(np.int64)
+            ys = _labels(path, split, y[start:stop])
             source = str(f.attrs.get("source", "unknown"))
     except UsageError:
         raise
@@ -100,6 +101,34 @@ def read_shard(path: str | Path, split: str, rank: int, size: int, *, equal: boo
         raise UsageError(f"dataset {path}: {split}/x holds non-finite values")
     return Shard(x=xs, y=ys, offset=start, total=int(x.shape[0]), n_classes=n_classes,
                  source=source)
+
+
+def _check_split(path: Path, f, split: str, size: int, equal: bool) -> None:
+    """UsageError if ``split`` of open file ``f`` cannot be used on ``size`` ranks: empty,
+    fewer rows than ranks where each rank needs its own (``equal``), or a width other than
+    the training split's."""
+    rows, width = f[f"{split}/x"].shape
+    if rows == 0:
+        raise UsageError(f"dataset {path}: the {split} split is empty (0 rows)")
+    if equal and rows < size:
+        raise UsageError(f"dataset {path}: the {split} split has {rows} rows, fewer than the "
+                         f"{size} ranks (each rank needs at least one)")
+    train_width = f["train/x"].shape[1] if "train/x" in f else width
+    if width != train_width:
+        raise UsageError(f"dataset {path}: {split}/x has {width} features per row but "
+                         f"train/x has {train_width}; both splits need the same features")
+
+
+def _labels(path: Path, split: str, y: np.ndarray) -> np.ndarray:
+    """Labels as int64; UsageError if they are not whole numbers (class indices)."""
+    if y.dtype.kind in "iub":
+        return y.astype(np.int64)
+    whole = (np.isfinite(y) & (y == np.round(y)) if y.dtype.kind == "f"
+             else np.zeros(y.shape, dtype=bool))
+    if not whole.all():
+        raise UsageError(f"dataset {path}: {split}/y holds {y[~whole][0]!r} ({y.dtype}): "
+                         "labels must be class indices, whole numbers")
+    return y.astype(np.int64)
 
 
 class Sampler:

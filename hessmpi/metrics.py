@@ -1,15 +1,19 @@
 """The results file OUT/metrics.h5 (layout in CONTRACT.md), written by rank 0 only.
 
-The file is opened, appended to and closed at every log interval, so between intervals it
-is a complete, closed HDF5 file that plain h5py, pandas or xarray can read while the run
-goes on.
+Rank 0 keeps the rows in memory and, at every log interval, writes the whole file to a
+temporary name, seals it (``sealed``) and renames it into place: readers (plain h5py,
+pandas, xarray) and a run killed at any instant only ever see a complete file, and any
+damage after it was written is refused by name (``read_metrics``).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+
+from hessmpi.sealed import USERBLOCK, DamagedFile, check, seal
 
 #: Columns of /metrics, one row per logged step, and their dtypes.
 COLUMNS: dict[str, str] = {
@@ -40,66 +44,94 @@ DIAGNOSTICS = ("cg_iters", "hf_lambda")
 
 
 class MetricsFile:
-    """Create ``path`` with the root attributes ``attrs`` and empty columns."""
+    """Create ``path`` with the root attributes ``attrs`` and ``cols`` (default: no rows)."""
 
-    def __init__(self, path: str | Path, attrs: dict):
-        import h5py
-
+    def __init__(self, path: str | Path, attrs: dict, cols: dict | None = None):
         self.path = Path(path)
-        with h5py.File(self.path, "w", locking=False) as f:
-            f.attrs.update(attrs)
-            f.attrs["status"] = "running"
-            g = f.create_group("metrics")
-            for name, dtype in COLUMNS.items():
-                g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
-                                 chunks=(1024,))
+        self.attrs = {"status": "running", **attrs}
+        self.cols = {name: np.asarray(cols[name] if cols else [], dtype=dtype)
+                     for name, dtype in COLUMNS.items()}
+        self._write()
 
     @classmethod
     def reopen(cls, path: str | Path, step: int, attrs: dict) -> MetricsFile:
         """Continue a run's file after a resume from ``step``: rows after that step (written
         after the checkpoint) are dropped, ``attrs`` updated, status back to running."""
-        import h5py
-
-        self = cls.__new__(cls)
-        self.path = Path(path)
-        with h5py.File(self.path, "a", locking=False) as f:
-            g = f["metrics"]
-            keep = int(np.searchsorted(g["step"][()], step, side="right"))
-            for name, fill in ADDED.items():        # a file written before they existed
-                if name not in g:
-                    g.create_dataset(name, data=np.full(g["step"].shape, fill),
-                                     maxshape=(None,), dtype=COLUMNS[name], chunks=(1024,))
-            for name in COLUMNS:
-                g[name].resize((keep,))
-            resumed = list(f.attrs.get("resumed_at", [])) + [step]
-            f.attrs.update(attrs)
-            f.attrs.update(status="running", resumed_at=resumed)
-        return self
+        old, cols = read_metrics(path)
+        keep = int(np.searchsorted(cols["step"], step, side="right"))
+        resumed = [*old.get("resumed_at", []), step]
+        return cls(path, {**old, **attrs, "status": "running", "resumed_at": resumed},
+                   {name: c[:keep] for name, c in cols.items()})
 
     def append(self, rows: list[dict], **attrs) -> None:
         """Append ``rows`` (dicts with every column) and set root attributes ``attrs``."""
+        for name, dtype in COLUMNS.items():
+            if rows:
+                new = np.array([r[name] for r in rows], dtype=dtype)
+                self.cols[name] = np.concatenate([self.cols[name], new])
+        self.attrs.update(attrs)
+        self._write()
+
+    def _write(self) -> None:
         import h5py
 
-        with h5py.File(self.path, "a", locking=False) as f:
-            g = f["metrics"]
-            if rows:
-                start = g["step"].shape[0]
-                for name, dtype in COLUMNS.items():
-                    d = g[name]
-                    d.resize((start + len(rows),))
-                    d[start:] = np.array([r[name] for r in rows], dtype=dtype)
-            f.attrs.update(attrs)
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        try:
+            with h5py.File(tmp, "w", userblock_size=USERBLOCK) as f:
+                f.attrs.update(self.attrs)
+                g = f.create_group("metrics")
+                for name, values in self.cols.items():
+                    g.create_dataset(name, data=values, maxshape=(None,), chunks=(1024,))
+            seal(tmp)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def read_metrics(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(root attributes, {column: array}) of a metrics file; raises OSError or KeyError
-    if it is not one."""
+    """(root attributes, {column: array}) of a metrics file; FileNotFoundError if there is
+    none, DamagedFile naming it if it is damaged or not one."""
     import h5py
 
-    with h5py.File(path, "r", locking=False) as f:
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-        g = f["metrics"]
-        rows = g["step"].shape[0]
-        cols = {name: g[name][()] if name in g or name not in ADDED
-                else np.full(rows, ADDED[name]) for name in COLUMNS}
+    check(path)
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            g = f["metrics"]
+            rows = g["step"].shape[0]
+            cols = {name: g[name][()] if name in g or name not in ADDED
+                    else np.full(rows, ADDED[name]) for name in COLUMNS}
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, UnicodeDecodeError) as e:
+        raise DamagedFile(f"{path} is damaged or not a hessmpi results file ({e})") from None
     return attrs, cols
+
+
+def rebuild(path: str | Path, arrays: dict, attrs: dict, source: str) -> str:
+    """Write the results file ``path`` anew from the checkpoint ``source`` (its ``arrays``
+    and ``attrs``): its configuration and its ``metrics/<column>`` rows, status stopped. A
+    file already there is kept beside it as ``NAME.damaged`` (numbered if taken). Returns
+    what was kept and what was lost, in words."""
+    path = Path(path)
+    said = []
+    if path.exists():
+        aside = path.with_name(f"{path.name}.damaged")
+        n = 0
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.name}.damaged.{n}")
+        os.replace(path, aside)
+        said.append(f"the old file is kept as {aside.name}")
+    step = int(attrs["step"])
+    rows = arrays.get("metrics/step")
+    count = 0 if rows is None else len(rows)
+    MetricsFile(path, {"config": attrs["config"], "status": "stopped", "rebuilt_from": source},
+                {name: arrays.get(f"metrics/{name}", np.full(count, ADDED.get(name, 0)))
+                 for name in COLUMNS})
+    if rows is None:
+        said.append(f"{source} holds no rows (written by an older hessmpi): the rows of "
+                    f"steps 1-{step} are lost")
+    else:
+        said.append(f"its {len(rows)} rows up to step {step} are restored from {source}; lost: "
+                    "the rows after that step (logged again as the run goes on) and the "
+                    "old file's root attributes (such as resumed_at)")
+    return f"{path} rebuilt: " + "; ".join(said)

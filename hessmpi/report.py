@@ -2,10 +2,11 @@
 as an aligned table, a CSV file, and a figure of the training curves.
 
 Columns: ``run``; ``method`` (optimizer and its key options); ``ranks``; ``batch`` (per rank);
-``backend``; ``status`` (running, stopped, finished, failed); ``steps`` (the last logged
-step); ``grad_evals`` (per rank); ``final_loss`` and ``best_loss`` (the minibatch training
-objective of the logged rows); ``test_acc`` (the last evaluation); ``wall_s`` (training wall
-time); ``fallback_rate`` (share of all steps that fell back to SGD); ``t_grad_ms``,
+``backend``; ``status`` (running, stopped, finished, failed; killed: marked running, but no
+process holds the run directory any more); ``steps`` (the last logged step); ``grad_evals``
+(per rank); ``final_loss`` and ``best_loss`` (the minibatch training objective of the logged
+rows); ``test_acc`` (the last evaluation); ``wall_s`` (training wall time);
+``fallback_rate`` (share of all steps that fell back to SGD); ``t_grad_ms``,
 ``t_comm_ms``, ``t_solve_ms`` (medians over the logged rows of the per-step seconds in
 gradient evaluation, MPI collectives and the optimizer update). With a target,
 ``to_loss_steps``/``to_loss_s`` (the first logged step, and its wall time, whose training
@@ -18,7 +19,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ import numpy as np
 from hessmpi import config as config_mod
 from hessmpi.errors import UsageError
 from hessmpi.metrics import read_metrics
+from hessmpi.rundir import abandoned
 
 HEADER = ("run", "method", "ranks", "batch", "backend", "status", "steps", "grad_evals",
           "final_loss", "best_loss", "test_acc", "wall_s", "fallback_rate", "t_grad_ms",
@@ -33,9 +34,6 @@ HEADER = ("run", "method", "ranks", "batch", "backend", "status", "steps", "grad
 LOSS_TARGET_COLUMNS = ("to_loss_steps", "to_loss_s")
 BASELINE_COLUMNS = ("x_steps", "x_wall")
 ACC_TARGET_COLUMNS = ("to_acc_steps", "to_acc_s")
-
-#: A run that is being written may be caught between two writes of its metrics.h5: retries.
-READ_ATTEMPTS, READ_PAUSE = 4, 0.25
 
 
 def _last_finite(a: np.ndarray) -> float:
@@ -80,21 +78,20 @@ def method_label(cfg: dict) -> str:
 
 def load_run(run: Path) -> tuple[dict, dict, dict[str, np.ndarray]]:
     """(root attributes, configuration, {column: array}) of run directory ``run``; the
-    columns cut to a common length (a run being written). UsageError naming the run if it is
-    missing or damaged."""
+    columns cut to a common length. A run marked running whose directory no process holds
+    any more (``rundir.abandoned``: killed by a signal it could not see) has status killed.
+    UsageError naming the run if it is missing or damaged."""
     path = run / "metrics.h5"
     if not path.is_file():
         raise UsageError(f"{run}: no metrics.h5 (not a hessmpi run directory)")
-    for attempt in range(READ_ATTEMPTS):
-        try:
-            attrs, cols = read_metrics(path)
-            cfg = config_mod.from_toml(attrs["config"])
-            break
-        except (OSError, KeyError, ValueError, UsageError) as e:
-            if attempt == READ_ATTEMPTS - 1:
-                raise UsageError(f"{run}: metrics.h5 is damaged or not a hessmpi results "
-                                 f"file ({e})") from None
-            time.sleep(READ_PAUSE)
+    attrs, cols = read_metrics(path)
+    try:
+        cfg = config_mod.from_toml(attrs["config"])
+    except (KeyError, TypeError, ValueError, UsageError) as e:
+        raise UsageError(f"{path} is not a hessmpi results file: no usable configuration "
+                         f"({e})") from None
+    if attrs.get("status") == "running" and abandoned(run):
+        attrs["status"] = "killed"
     n = min((len(c) for c in cols.values()), default=0)
     return attrs, cfg, {name: c[:n] for name, c in cols.items()}
 

@@ -17,8 +17,8 @@ from hessmpi.optim.hessian_free import HessianFree
 from hessmpi.optim.secant import Secant
 from hessmpi.optim.sgd import SGD
 
-__all__ = ["SGD", "Adam", "Deflated", "EntropySGD", "HessianFree", "Optimizer", "Secant", "StepInfo",
-           "build_optimizer"]
+__all__ = ["SGD", "Adam", "Deflated", "EntropySGD", "HessianFree", "Optimizer", "Secant",
+           "StepInfo", "build_optimizer"]
 
 #: The optimizers by ``optim.name`` (SGD is built from its options alone).
 METHODS = {"secant": Secant, "deflated": Deflated, "hessian_free": HessianFree,

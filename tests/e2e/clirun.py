@@ -47,21 +47,31 @@ def _env() -> dict:
     return env
 
 
-def run(args: list[str], *, cwd=None, timeout: float = TIMEOUT) -> Result:
-    """Run a command in its own process group; on timeout kill the whole group (mpiexec and
-    its ranks) and fail the test."""
-    started = time.perf_counter()
+def start(args: list[str], *, cwd=None) -> subprocess.Popen:
+    """Start a command in the background, in its own process group; ``finish`` collects it."""
     proc = subprocess.Popen([str(a) for a in args], cwd=cwd, env=_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
+    proc.started = time.perf_counter()
+    return proc
+
+
+def finish(proc: subprocess.Popen, *, timeout: float = TIMEOUT) -> Result:
+    """Wait for a command ``start`` began; on timeout kill its whole group (mpiexec and its
+    ranks) and fail the test."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"{' '.join(map(str, args))} still running after {timeout} s\n"
+        pytest.fail(f"{' '.join(map(str, proc.args))} still running after {timeout} s\n"
                     f"--- stdout\n{out}\n--- stderr\n{err}")
-    return Result(proc.returncode, out, err, time.perf_counter() - started)
+    return Result(proc.returncode, out, err, time.perf_counter() - proc.started)
+
+
+def run(args: list[str], *, cwd=None, timeout: float = TIMEOUT) -> Result:
+    """Run a command to its end (``start`` then ``finish``)."""
+    return finish(start(args, cwd=cwd), timeout=timeout)
 
 
 def hessmpi(*args, **kwargs) -> Result:
@@ -84,3 +94,14 @@ def train(*args, n: int = 2, **kwargs) -> Result:
 
 def set_args(sets: list[str]) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
+
+
+def one_error_line(result: Result, *needles: str) -> str:
+    """The one 'hessmpi: error' line of ``result`` (not one per rank), naming every needle;
+    no traceback anywhere."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("hessmpi: error")]
+    assert len(errors) == 1, f"expected one error line, got {len(errors)}\n{result}"
+    for needle in needles:
+        assert needle in errors[0], f"{needle!r} not in {errors[0]!r}\n{result}"
+    assert "Traceback" not in result.stdout + result.stderr, str(result)
+    return errors[0]

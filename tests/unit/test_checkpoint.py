@@ -364,12 +364,27 @@ def test_prune_keeps_the_newest(tmp_path):
     other = checkpoint_dir(tmp_path) / "notes.txt"
     other.write_text("mine")
 
-    prune(tmp_path, 10)
+    prune(tmp_path, 10, 100)
     assert all(p.exists() for p in paths.values())
-    prune(tmp_path, 2)
+    prune(tmp_path, 2, 100)
     assert sorted(p.name for p in checkpoint_dir(tmp_path).iterdir()) == [
         "ckpt_000000020.h5", "ckpt_000000100.h5", "notes.txt"]
     assert paths[20].read_bytes() == contents[20] and paths[100].read_bytes() == contents[100]
-    prune(tmp_path, 1)
+    prune(tmp_path, 1, 100)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [100]
     assert other.read_text() == "mine"
+
+
+def test_prune_never_removes_checkpoints_after_the_step_written(tmp_path):
+    """A run at step 60 among checkpoints 225-240 left by another run keeps its own newest
+    (issue 16: keep = 3 once kept the stranger's 225/230/240 and removed 25/50/60)."""
+    theirs = {step: write_run_checkpoint(tmp_path, step) for step in (225, 230, 240)}
+    for step in (25, 50, 60):
+        write_run_checkpoint(tmp_path, step)
+        prune(tmp_path, 3, step)
+    write_run_checkpoint(tmp_path, 10)   # an older one of its own history goes first
+    prune(tmp_path, 3, 60)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [240, 230, 225, 60, 50, 25]
+    assert all(p.exists() for p in theirs.values())
+    prune(tmp_path, 1, 60)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [240, 230, 225, 60]

@@ -116,6 +116,7 @@ def test_load_toml_file(tmp_path):
     ("optim.lr=5e-3", "optim", "lr", 0.005),
     ("train.steps=1e3", "train", "steps", 1000),
     ("train.steps=20", "train", "steps", 20),
+    ("train.steps=1e12", "train", "steps", 10**12),
     ("train.seed=0", "train", "seed", 0),
     ("optim.nesterov=true", "optim", "nesterov", True),
     ("optim.nesterov=false", "optim", "nesterov", False),
@@ -185,6 +186,8 @@ BAD_SETS = [
     ("optim.decay_every=0", ["optim.decay_every", ">= 1"]),
     ("optim.warmup_steps=-1", ["optim.warmup_steps", ">= 0"]),
     ("train.steps=0", ["train.steps", ">= 1"]),
+    ("train.steps=1e30", ["train.steps", "an integer >= 1 and <= 1e+12"]),
+    ("train.steps=1000000000001", ["train.steps", "<= 1e+12"]),
     ("train.seed=-3", ["train.seed", ">= 0"]),
     ("model.l2=-1e-3", ["model.l2", ">= 0"]),
     # not in choices

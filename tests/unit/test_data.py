@@ -184,6 +184,52 @@ def test_read_shard_non_finite_features(tmp_path, bad):
     expect_usage_error(path, "test", 0, 1, equal=False, needle="non-finite")
 
 
+def write_raw(path, train, test, n_classes=3):
+    """A dataset file written with plain h5py, as another tool might (any dtypes, shapes)."""
+    with h5py.File(path, "w") as f:
+        f.attrs["n_classes"] = n_classes
+        for split, (x, y) in (("train", train), ("test", test)):
+            f[f"{split}/x"], f[f"{split}/y"] = x, y
+    return path
+
+
+def test_a_test_split_of_another_width_is_refused(tmp_path):
+    path = write_raw(tmp_path / "w.h5", make_arrays(8, 4, 3), make_arrays(4, 5, 3))
+    assert read_shard(path, "train", 0, 2, equal=True).x.shape == (4, 4)
+    expect_usage_error(path, "test", 0, 2, equal=False, needle="test/x has 5 features")
+
+
+def test_an_empty_split_is_refused(tmp_path):
+    path = write_raw(tmp_path / "e.h5", make_arrays(8, 4, 3), make_arrays(0, 4, 3))
+    expect_usage_error(path, "test", 0, 1, equal=False, needle="the test split is empty")
+
+
+@pytest.mark.parametrize("rows, size", [(2, 3), (1, 2)])
+def test_fewer_training_rows_than_ranks_is_refused(tmp_path, rows, size):
+    path = write_raw(tmp_path / "few.h5", make_arrays(rows, 4, 3), make_arrays(1, 4, 3))
+    for rank in range(size):
+        expect_usage_error(path, "train", rank, size, equal=True,
+                           needle=f"{rows} rows, fewer than the {size} ranks")
+    # the test split is shared out unequally: a rank without test rows is fine
+    assert [len(read_shard(path, "test", r, size, equal=False).y) for r in range(size)] == \
+        [1] + [0] * (size - 1)
+
+
+@pytest.mark.parametrize("labels", [[0.0, 1.5, 2.0, 1.0], [0.0, 1.0, np.nan, 1.0],
+                                    [b"cat", b"dog", b"cat", b"cat"]])
+def test_labels_that_are_not_whole_numbers_are_refused(tmp_path, labels):
+    x, _ = make_arrays(4, 2, 3)
+    path = write_raw(tmp_path / "lab.h5", (x, np.array(labels)), make_arrays(2, 2, 3))
+    expect_usage_error(path, "train", 0, 1, equal=True, needle="labels must be class indices")
+
+
+def test_whole_float_labels_are_class_indices(tmp_path):
+    x, y = make_arrays(4, 2, 3)
+    path = write_raw(tmp_path / "f.h5", (x, y.astype(np.float64)), make_arrays(2, 2, 3))
+    shard = read_shard(path, "train", 0, 1, equal=True)
+    assert shard.y.dtype == np.int64 and shard.y.tolist() == y.tolist()
+
+
 # ----- Sampler --------------------------------------------------------------------------------
 def draw(sampler, n):
     return [sampler.next().copy() for _ in range(n)]

@@ -6,7 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from hessmpi.metrics import COLUMNS, MetricsFile, read_metrics
+from hessmpi.metrics import COLUMNS, MetricsFile, read_metrics, rebuild
+from hessmpi.sealed import DamagedFile, check
 
 # The /metrics columns named in CONTRACT.md, in its order, then hessmpi's additions.
 CONTRACT_COLUMNS = ["step", "epoch", "wall_time", "train_loss", "grad_evals", "grad_norm",
@@ -113,13 +114,73 @@ def test_create_replaces_an_old_file(tmp_path):
 def test_read_metrics_rejects_foreign_files(tmp_path):
     text = tmp_path / "text.h5"
     text.write_text("not hdf5")
-    with pytest.raises(OSError):
-        read_metrics(text)
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as f:
         f["x"] = np.zeros(3)
-    with pytest.raises(KeyError):
-        read_metrics(other)
+    for path in (text, other):
+        with pytest.raises(DamagedFile, match=str(path)):
+            read_metrics(path)
+    with pytest.raises(FileNotFoundError):
+        read_metrics(tmp_path / "missing.h5")
+
+
+def test_every_write_replaces_the_file_whole_and_sealed(tmp_path):
+    """Each write is a new, complete, sealed file renamed into place: a reader that opened
+    the previous one keeps reading it whole, and no temporary file is left."""
+    path = tmp_path / "metrics.h5"
+    m = MetricsFile(path, {"config": "c"})
+    reader = h5py.File(path, "r", locking=False)
+    for k in range(1, 4):
+        before = path.stat().st_ino
+        m.append([row(k)])
+        assert path.stat().st_ino != before and check(path) is True
+    assert reader["metrics/step"].shape == (0,) and reader.attrs["config"] == "c"
+    reader.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.h5"]
+
+
+def test_reopen_keeps_rows_up_to_the_step_and_records_the_resume(tmp_path):
+    path = tmp_path / "metrics.h5"
+    m = MetricsFile(path, {"config": "c", "started": "then"})
+    m.append([row(k) for k in range(1, 6)], status="stopped")     # steps 10 ... 50
+    MetricsFile.reopen(path, 30, {"started": "now"})
+    MetricsFile.reopen(path, 20, {})
+    attrs, cols = read_metrics(path)
+    np.testing.assert_array_equal(cols["step"], [10, 20])
+    assert attrs["status"] == "running" and list(attrs["resumed_at"]) == [30, 20]
+    assert attrs["config"] == "c" and attrs["started"] == "now"
+
+
+def checkpoint_of(step: int, rows: list[dict] | None) -> tuple[dict, dict]:
+    """(arrays, attrs) as read_checkpoint gives them, with the results rows if any."""
+    arrays = {"params": np.zeros(3)}
+    if rows is not None:
+        arrays.update({f"metrics/{name}": np.array([r[name] for r in rows], dtype=dtype)
+                       for name, dtype in COLUMNS.items()})
+    return arrays, {"step": step, "config": "[train]\nsteps = 90\n"}
+
+
+def test_rebuild_restores_the_rows_and_keeps_the_damaged_file(tmp_path):
+    path = tmp_path / "metrics.h5"
+    path.write_bytes(b"damaged")
+    (tmp_path / "metrics.h5.damaged").write_bytes(b"damaged before")
+    rows = [row(k) for k in range(1, 4)]
+    said = rebuild(path, *checkpoint_of(30, rows), "ckpt_000000030.h5")
+    assert "3 rows up to step 30" in said and "metrics.h5.damaged.1" in said, said
+    assert (tmp_path / "metrics.h5.damaged.1").read_bytes() == b"damaged"
+    assert (tmp_path / "metrics.h5.damaged").read_bytes() == b"damaged before"
+    with h5py.File(path, "r") as f:
+        check_columns(f, rows)
+        assert f.attrs["status"] == "stopped" and f.attrs["rebuilt_from"] == "ckpt_000000030.h5"
+        assert f.attrs["config"] == "[train]\nsteps = 90\n"
+
+
+def test_rebuild_from_a_checkpoint_without_rows_says_what_is_lost(tmp_path):
+    path = tmp_path / "metrics.h5"
+    said = rebuild(path, *checkpoint_of(30, None), "ckpt_000000030.h5")
+    assert "steps 1-30 are lost" in said and "damaged" not in said, said
+    _, cols = read_metrics(path)
+    assert all(len(c) == 0 for c in cols.values())
 
 
 def test_a_file_written_before_the_added_columns_reads_and_resumes(tmp_path):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import struct
+import subprocess
 
 import h5py
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 
 from hessmpi import config
 from hessmpi.errors import UsageError
-from hessmpi.metrics import COLUMNS
+from hessmpi.metrics import COLUMNS, MetricsFile
 from hessmpi.report import (
     ACC_TARGET_COLUMNS,
     HEADER,
@@ -21,6 +23,7 @@ from hessmpi.report import (
     report,
     summarize,
 )
+from hessmpi.rundir import LOCK, RunLock
 
 NAN = math.nan
 
@@ -80,6 +83,7 @@ def test_summarize_hand_made_run(tmp_path):
 
 def test_summarize_running_run_without_rows(tmp_path):
     run = make_run(tmp_path, "empty", {}, status="running")
+    RunLock(run).take()   # as the run's rank 0 holds it
     s = summarize(run)
     assert s["status"] == "running" and s["steps"] == 0 and s["grad_evals"] == 0
     for key in ("final_loss", "best_loss", "test_acc", "wall_s", "fallback_rate", "t_grad_ms"):
@@ -117,6 +121,36 @@ def expect_usage_error(run):
 
 def test_missing_run_directory(tmp_path):
     expect_usage_error(tmp_path / "no-such-run")
+
+
+def test_a_run_marked_running_that_no_process_holds_is_killed(tmp_path):
+    """Killed by a signal it could not see (SIGKILL, a second Ctrl-C to mpiexec), a run
+    stays marked running in its file; its lock tells it is gone."""
+    run = make_run(tmp_path, "k", COLS, status="running")
+    assert summarize(run)["status"] == "killed"          # no lock at all
+    lock = RunLock(run).take()
+    assert summarize(run)["status"] == "running"
+    lock.release()
+    child = subprocess.Popen(["true"])
+    child.wait()
+    RunLock(run).take()
+    text = (run / LOCK).read_text().replace(f'"pid": {os.getpid()}', f'"pid": {child.pid}')
+    (run / LOCK).write_text(text)                          # left by a process now gone
+    assert summarize(run)["status"] == "killed"
+    assert summarize(make_run(tmp_path, "f", COLS))["status"] == "finished"
+
+
+def test_a_damaged_sealed_results_file_is_refused_by_name(tmp_path):
+    run = tmp_path / "sealed"
+    run.mkdir()
+    m = MetricsFile(run / "metrics.h5", {"config": config.to_toml(config.load(None))})
+    m.append([], status="finished")
+    assert summarize(run)["status"] == "finished"
+    data = bytearray((run / "metrics.h5").read_bytes())
+    data[len(data) // 2] ^= 1
+    (run / "metrics.h5").write_bytes(bytes(data))
+    with pytest.raises(UsageError, match=f"{run / 'metrics.h5'} is damaged"):
+        summarize(run)
 
 
 def test_directory_without_metrics(tmp_path):
@@ -224,7 +258,9 @@ def test_targets_out_of_range_are_usage_errors(tmp_path, loss, acc):
 def test_run_caught_between_two_column_writes(tmp_path):
     # a reader may see a row in some columns and not yet in others: rows all columns have
     cols = {**COLS, "step": [10, 20, 30, 40, 50], "train_loss": [2.0, 0.75, NAN, 1.25, 0.1]}
-    s = summarize(make_run(tmp_path, "mid-write", cols, status="running"))
+    run = make_run(tmp_path, "mid-write", cols, status="running")
+    RunLock(run).take()
+    s = summarize(run)
     assert s["status"] == "running" and s["steps"] == 40 and s["final_loss"] == 1.25
     assert s["best_loss"] == 0.75
 
