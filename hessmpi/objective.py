@@ -200,6 +200,18 @@ class Objective:
         self.comm.allreduce_sum_(totals)
         return totals[0] / totals[2], totals[1] / totals[2]
 
+    # ----- state ------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """What a checkpoint keeps so that a resumed run continues bit for bit: an adopted
+        trial's gradient and loss (n + 1,), if any."""
+        return {"adopted": self._trial} if self._adopted else {}
+
+    def load_state(self, state: dict) -> None:
+        """Restore :meth:`state` (saved on as many ranks)."""
+        if "adopted" in state:
+            self._trial = self.xp.asarray(state["adopted"], dtype=self.grad.dtype).copy()
+            self._adopted = True
+
     # ----- counters --------------------------------------------------------------------------
     def counters(self) -> dict[str, float]:
         """The cumulative evaluation counts, as stored in checkpoints and metrics."""

@@ -214,6 +214,7 @@ class Run(Training):
 
         arrays = {"params": host(self.theta), "sampler": np.array(samplers, dtype=np.int64)}
         arrays.update({f"optim/{k}": host(v) for k, v in self.optimizer.state().items()})
+        arrays.update({f"objective/{k}": host(v) for k, v in self.objective.state().items()})
         attrs = {"step": step, "epoch": self.sampler.epochs_done,
                  **self.objective.counters(), "wall_time": wall,
                  "first_loss": self.watch.first_loss,
@@ -235,6 +236,10 @@ class Run(Training):
                  if k.startswith("optim/")}
         same_size = int(attrs["mpi_size"]) == self.comm.size
         self.optimizer.load_state(state, same_layout=same_size)
+        if same_size:
+            self.objective.load_state({k.removeprefix("objective/"): v
+                                       for k, v in arrays.items()
+                                       if k.startswith("objective/")})
         if same_size:
             epoch, position = arrays["sampler"][self.comm.rank]
         else:

@@ -37,7 +37,7 @@ def test_resume_is_bit_for_bit(tmp_path, run_config, method):
     a, _ = read_checkpoint(checkpoint_path(straight, 12))
     b, _ = read_checkpoint(checkpoint_path(half, 12))
     assert sorted(a) == sorted(b)
-    for name in a:
+    for name in (n for n in a if not n.startswith("metrics/")):   # the rows hold timings
         assert np.asarray(a[name]).tobytes() == np.asarray(b[name]).tobytes(), name
     _, cols = read_metrics(straight / "metrics.h5")
     _, resumed = read_metrics(half / "metrics.h5")
