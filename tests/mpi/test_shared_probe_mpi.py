@@ -63,3 +63,27 @@ def test_the_workers_own_probe_pairs_depend_on_the_split(comm, solo):
     ref, _ = train(solo, *gathered(comm, x, y), "probe", "bfgs")
     err = rel(theta, ref)
     assert_all(comm, err > 1e-6, f"probe pairs matched the serial reference ({err:.2e})")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_averaged_pairs_on_p_ranks_are_one_process_on_every_row(comm, solo):
+    """SQN-style pairs (iterate averages, a Gauss-Newton product on the global batch) are
+    global pairs too: P ranks take one process's steps, identically."""
+    def run(c, x, y):
+        model = DenseNet([x.shape[1], 3], "relu", 1e-2, dtype=np.float64)
+        theta = 0.3 * np.random.default_rng(9).standard_normal(model.n_params)
+        obj = Objective(model, c, full_batch=True)
+        obj.use_batch(x, y)
+        opt = build(theta, obj, seed=1, pairs="averaged", probe_every=3, memory=3,
+                    curvature="lbfgs", h0="bb", damping=0.0, newton_lr=0.5, momentum=0.5,
+                    lr=LR)
+        for _ in range(15):
+            opt.step(theta, obj, LR)
+        return theta, opt
+
+    x, y = rows_of(comm.rank)
+    theta, opt = run(comm, x, y)
+    ref, ref_opt = run(solo, *gathered(comm, x, y))
+    assert_all(comm, rel(theta, ref) < 1e-10, f"rel {rel(theta, ref):.2e}")
+    assert_all(comm, opt.memory.filled == ref_opt.memory.filled == 3)
+    assert_identical(comm, theta=theta, W=opt.memory.W)
