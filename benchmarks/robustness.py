@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/robustness.py --full       (the matrix: about an hour here)
     .venv/bin/python benchmarks/robustness.py --full --problems autoencoder   (reduced)
     .venv/bin/python benchmarks/robustness.py --report bench-results/robustness.json
+    .venv/bin/python benchmarks/robustness.py --comparators bench-results/robustness.json
 
 At full batch (every rank's batch its whole shard): models softmax, MLP 784-256-256-10 with
 ReLU and with tanh (and, reduced, the deep autoencoder) on mnist-t10k (where the recipe was
@@ -75,6 +76,23 @@ def worker(spec: dict) -> dict:
         record.pop("test_curve")
         return record
 
+    if spec["kind"] == "comparator":
+        def one(point, _points):     # the tuned scalar is spec["knob"] (lr, or HF's lambda_0)
+            optim = {**spec["optim"], spec["knob"]: point["lr"]}
+            record = drive.drive(training(spec, optim, 0, comm, backend, shards),
+                                 budget=spec["budget"], unit="work", base=spec["budget"],
+                                 check_every=50)
+            record.pop("test_curve")
+            return [record]
+
+        res = tune.tune(one, [{"lr": v} for v in spec["grid"]], {"F": tune.final},
+                        max_points=8, factor=spec["factor"])
+        k = res["chosen"].get("F")
+        return dict(records=res["points"][k]["records"] if k else [],
+                    point=res["points"][k]["point"] if k else None,
+                    placement=res["placement"].get("F"),
+                    finals={p["point"]["lr"]: drive.final_value(p["records"][0])
+                            for p in res["points"].values()})
     if spec["kind"] == "tune":
         def sgd(point, _points):
             return [run({"name": "sgd", "momentum": MOMENTUM, "lr": point["lr"]}, 0)]
@@ -204,6 +222,71 @@ def run_matrix(args, mode: dict, out: Path) -> dict:
     return results
 
 
+#: The comparators of issue 19 at full batch, each tuned on an interior grid of one knob
+#: (by F at the end of COMPARE_WORK gradient-equivalent evaluations: products and forward
+#: passes at their matrix-product cost): Hessian-free's initial lambda (it adapts; factor
+#: 10), Entropy-SGD's learning rate (factor 2). (optim, knob, first grid, factor)
+COMPARATORS = {"hessian_free": ({"name": "hessian_free"}, "hf_damping", [1.0, 0.1, 10.0], 10),
+               "entropy_sgd": ({"name": "entropy_sgd"}, "lr", [1.0, 0.5, 2.0], 2)}
+COMPARE_WORK = 3 * STEPS
+
+
+def run_comparators(results: dict, out: Path) -> dict:
+    """Seed 0, one rank, every (dataset, problem) of ``results``: each comparator to the
+    cell's target (SGD's F after STEPS steps), beside SGD and the recipe of that cell."""
+    rows = results.setdefault("comparators", {})
+    for cell in results["cells"]:
+        if cell["seed"] != 0 or cell["ranks"] != 1:
+            continue
+        key = f"{cell['problem']}/{cell['dataset']}"
+        data = str(datasets.dataset(cell["dataset"], ROOT))
+        for name, (optim, knob, grid, factor) in COMPARATORS.items():
+            print(f"robustness: {name} on {key} ...", flush=True)
+            res = launch.launch(__file__, dict(kind="comparator", data=data,
+                                               model=PROBLEMS[cell["problem"]][0],
+                                               optim=optim, knob=knob, grid=grid,
+                                               factor=factor, budget=COMPARE_WORK), 1)
+            rec = res["records"][0] if res["records"] else None
+            hit = None if rec is None else first_step(rec["losses"], drive.final_value(rec),
+                                                      cell["target"])
+            rows[f"{key}/{name}"] = dict(
+                knob=knob, value=res["point"] and res["point"]["lr"],
+                placement=res.get("placement"), steps=hit,
+                work=rec["works"][hit - 1] if hit else None,
+                wall=rec["walls"][hit - 1] if hit else None, status=rec and rec["status"],
+                final=rec and drive.final_value(rec), total_work=rec and rec["works"][-1])
+            print(f"  {name}: {hit} steps to {cell['target']:.5g}", flush=True)
+            tables.save(out.stem, results, ROOT, out)
+    return results
+
+
+def report_comparators(results: dict) -> None:
+    rows = []
+    for cell in results["cells"]:
+        if cell["seed"] != 0 or cell["ranks"] != 1:
+            continue
+        key = f"{cell['problem']}/{cell['dataset']}"
+        line = [cell["dataset"], cell["problem"], f"{cell['target']:.5g}",
+                f"{cell['sgd_steps']} / {cell['sgd_evals']:.0f} / {cell['sgd_wall']:.1f}",
+                f"{cell['recipe_steps']} / {cell['recipe_evals']:.0f} / "
+                f"{cell['recipe_wall']:.1f}" if cell["recipe_steps"] else "-"]
+        for name in COMPARATORS:
+            c = results.get("comparators", {}).get(f"{key}/{name}")
+            where = "" if c is None else (
+                f" [{c['knob']} {c['value']:g}, {(c['placement'] or {}).get('lr', '?')}]")
+            line.append("-" if c is None else
+                        (f"{c['steps']} / {c['work']:.0f} / {c['wall']:.1f}" if c["steps"] else
+                         f"> {c['total_work']:.0f} work (F {c['final']:.4g})") + where)
+        rows.append(line)
+    if rows:
+        print("\nThe comparators (issue 19), seed 0, 1 rank, to the same target: steps / "
+              "gradient-equivalent evaluations (a forward pass 1/3, a Gauss-Newton product "
+              f"5/3) / wall s; within {COMPARE_WORK} evaluations; [the tuned knob, where it "
+              "sits on its grid]:\n")
+        print(tables.table(["data", "model", "target F", "SGD+momentum", "recipe",
+                            *COMPARATORS], rows))
+
+
 def report(results: dict) -> None:
     cells = results["cells"]
     rows, verdict = [], []
@@ -264,6 +347,7 @@ def report(results: dict) -> None:
           f"{tables.ratio(max(all_walls))}): "
           + ("MET" if np.median(all_walls) <= 0.6 else "NOT MET")
           + "; at most L-BFGS-B's evaluations everywhere: " + ("MET" if lbfgs_ok else "NOT MET"))
+    report_comparators(results)
 
 
 def main(argv=None) -> None:
@@ -273,9 +357,15 @@ def main(argv=None) -> None:
     ap.add_argument("--no-anchor", dest="anchor", action="store_false",
                     help="skip SciPy's L-BFGS-B")
     ap.add_argument("--report", type=Path, metavar="JSON", help="print the tables of a result")
+    ap.add_argument("--comparators", type=Path, metavar="JSON",
+                    help="run Hessian-free and Entropy-SGD on the problems of a result (seed "
+                         "0, one rank, its targets) and add them to it")
     args = ap.parse_args(argv)
     if args.report:
         report(json.loads(args.report.read_text()))
+        return
+    if args.comparators:
+        report(run_comparators(json.loads(args.comparators.read_text()), args.comparators))
         return
     mode = dict(MODES["full" if args.full else "quick"])
     if args.problems:

@@ -44,6 +44,20 @@ def parameters_agree(training) -> bool:
     return len(set(training.comm.allgather(digest))) == 1
 
 
+#: What a forward pass and a Gauss-Newton product cost in gradients, by the matrix products
+#: of a dense network: a gradient is a forward pass (1 product a layer) and a backward pass
+#: (2), a forward pass 1 of those 3, an R-operator product 5 (forward 1, R-forward 2,
+#: backward 2).
+FORWARD_COST, PRODUCT_COST = 1 / 3, 5 / 3
+
+
+def work(objective) -> float:
+    """Gradient-equivalent evaluations per rank so far: gradients, plus forward passes and
+    Gauss-Newton products at what their matrix products cost."""
+    return (objective.grad_evals + FORWARD_COST * objective.forward_evals
+            + PRODUCT_COST * objective.curvature_evals)
+
+
 def drive(training, *, budget: float, unit: str = "steps", train_targets=None,
           test_targets=None, limits=None, with_test: bool = False, base: int = 5,
           per: int = 20, deadline: float = math.inf, blowup: float = BLOWUP,
@@ -55,7 +69,8 @@ def drive(training, *, budget: float, unit: str = "steps", train_targets=None,
       ``test_targets`` {name: accuracy} is met (never, with no targets);
     - ``raced``: every unreached training target has passed its ``limits`` {name: amount};
     - ``deadline``: ``time.time()`` on rank 0 is past ``deadline``;
-    - ``budget``: ``budget`` of ``unit`` ("steps" or "grad_evals", per rank) is spent.
+    - ``budget``: ``budget`` of ``unit`` ("steps", "grad_evals" or "work": see :func:`work`,
+      per rank) is spent.
 
     Evaluations at steps ``base``, then :func:`eval_interval`, and at the end.
     ``with_test``: evaluate the test accuracy even without test targets. ``check_every``:
@@ -63,7 +78,8 @@ def drive(training, *, budget: float, unit: str = "steps", train_targets=None,
     Returns the record: status, steps, grad_evals, forward_evals, wall (s), t_step, t_grad,
     t_comm, t_solve (s per step), curve, test_curve, fallback counts and rates, and per step
     ``losses`` (the global minibatch objective at the parameters the step started from: at
-    full batch, F(theta_k)) and ``walls`` (cumulative seconds after it)."""
+    full batch, F(theta_k)), ``walls`` (cumulative seconds after it) and ``works``
+    (cumulative gradient-equivalent evaluations after it, :func:`work`)."""
     from hessmpi.trainer import Interval
 
     comm, objective = training.comm, training.objective
@@ -72,7 +88,8 @@ def drive(training, *, budget: float, unit: str = "steps", train_targets=None,
     with_test = with_test or bool(test_targets)
 
     def spent() -> float:
-        return done if unit == "steps" else objective.grad_evals
+        return done if unit == "steps" else objective.grad_evals if unit == "grad_evals" \
+            else work(objective)
 
     def evaluate() -> float:
         values = [objective.full_value(training.theta)]
@@ -87,7 +104,7 @@ def drive(training, *, budget: float, unit: str = "steps", train_targets=None,
 
     done, wall, status = 0, 0.0, "budget"
     curve, test_curve = [], [] if with_test else None
-    losses, walls = [], []
+    losses, walls, works = [], [], []
     f0 = evaluate()
     reached: set[str] = set()
     interval, fallbacks, kept = Interval(), 0, 0
@@ -103,6 +120,7 @@ def drive(training, *, budget: float, unit: str = "steps", train_targets=None,
         done += 1
         losses.append(info.loss)
         walls.append(wall)
+        works.append(work(objective))
         fallbacks += info.fallback
         kept += info.rank_kept
         if check_every and done % check_every == 0 and not parameters_agree(training):
@@ -139,7 +157,7 @@ def drive(training, *, budget: float, unit: str = "steps", train_targets=None,
                 clipped_rate=counts.get("clipped", 0) / steps, rank_kept_mean=kept / steps,
                 t_grad=interval.mean("t_grad"), t_comm=interval.mean("t_comm"),
                 t_solve=interval.mean("t_solve"), bytes_sent=interval.mean("bytes_sent"),
-                losses=losses, walls=walls)
+                losses=losses, walls=walls, works=works)
 
 
 def first_hit(record: dict, threshold: float, test: bool = False) -> dict | None:
