@@ -53,7 +53,15 @@ def method_label(cfg: dict) -> str:
     probe batch fraction, ls line search where not the default; a the secant step length),
     read from the configuration's typed options."""
     o = config_mod.options(cfg, "optim")
-    label = f"{o.name} lr={o.lr:g} mom={o.momentum:g}"
+    label = f"{o.name} lr={o.lr:g}"
+    if config_mod.applies(cfg, "optim", "momentum"):
+        label += f" mom={o.momentum:g}"
+    if o.name == "hessian_free":
+        label += f" lambda0={o.hf_damping:g} cg<={o.hf_max_cg}" + (
+            f" cb={o.hf_curvature_batch:g}" if o.hf_curvature_batch != 1.0 else "") + (
+            " precond" if o.hf_precondition else "")
+    if o.name == "entropy_sgd":
+        label += f" L={o.entropy_steps} gamma={o.entropy_gamma:g}"
     if o.name == "sgd":
         label += " nesterov" * o.nesterov + (f" wd={o.weight_decay:g}" if o.weight_decay
                                              else "")
@@ -71,7 +79,7 @@ def method_label(cfg: dict) -> str:
         parts.append(f"pb={o.probe_batch:g}")
     if config_mod.applies(cfg, "optim", "line_search") and o.line_search != "none":
         parts.append(f"ls={o.line_search}")
-    if o.name != "sgd":
+    if config_mod.applies(cfg, "optim", "newton_lr"):
         parts.append(f"a={o.newton_lr:g}")
     return " ".join([label, *parts])
 

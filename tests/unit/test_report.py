@@ -217,6 +217,13 @@ def test_metrics_with_missing_column(tmp_path):
      "secant lr=0.1 mom=0.9 K=1 bfgs probe-sgd k=2 T=4 ls=armijo a=0.2"),
     (("optim.name=deflated", "optim.pairs_per_rank=3"),
      "deflated lr=0.1 mom=0.9 k=3 a=0.2"),
+    (("optim.name=hessian_free", "optim.hf_damping=0.01", "optim.hf_precondition=true"),
+     "hessian_free lr=0.1 lambda0=0.01 cg<=50 precond"),
+    (("optim.name=entropy_sgd", "optim.entropy_steps=5"),
+     "entropy_sgd lr=0.1 mom=0.9 L=5 gamma=0.03"),
+    (("optim.name=adam", "optim.lr=0.001"), "adam lr=0.001 mom=0.9"),
+    (("optim.name=secant", "optim.pairs=averaged", "optim.curvature=lbfgs"),
+     "secant lr=0.1 mom=0.9 K=1 lbfgs averaged a=0.2"),
 ])
 def test_method_names_the_key_options(tmp_path, overrides, label):
     assert summarize(make_run(tmp_path, "m", COLS, overrides=overrides))["method"] == label
@@ -337,3 +344,12 @@ def test_baseline_gives_ratios_to_its_final_loss(tmp_path):
     assert f"{fast} reached the training loss 1 of {base} in 0.50x its steps (20 against " \
         "40) and 0.38x its wall time" in text
     assert f"{slow} reached the training loss 1 of {base} not within its steps" in text
+
+
+@pytest.mark.parametrize("name", config.SCHEMA["optim"]["name"].choices)
+def test_every_method_has_a_label_of_its_own_options(name):
+    """The label reads the typed options of the method, only those that apply to it (an
+    option it does not have would raise)."""
+    from hessmpi.report import method_label
+
+    assert method_label(config.load(None, [f"optim.name={name}"])).startswith(f"{name} lr=")
