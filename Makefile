@@ -19,10 +19,15 @@ EXAMPLE := jobs/configs/digits_mlp.toml
 
 install: $(VENV)/.installed
 
+# The torch extra is installed so that its tests run: the pinned CPU build, taken from pip's
+# configured sources; where those would offer the multi-GB CUDA build, point pip at PyTorch's
+# CPU index: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,data,report,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[test,data,report,dev,torch]' \
+	    $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	touch $@
 
 $(DATA): | $(VENV)/.installed
