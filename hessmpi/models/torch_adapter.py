@@ -134,7 +134,7 @@ class TorchModel:
                 view.copy_(g) if g is not None else view.zero_()
         if self.l2:
             grad += self.l2 * theta
-        return float(ce) + self._penalty(theta)
+        return float(ce.detach()) + self._penalty(theta)
 
     def curvature_product(self, theta, v, x, y, out=None):
         """G v (n,): the Gauss-Newton matrix of F on the batch times v, J^T H_CE J v + l2 v
