@@ -78,7 +78,7 @@ bench-gpu: install
 	$(BIN)/python benchmarks/gpu.py
 
 lint: install
-	$(BIN)/ruff check hessmpi tests benchmarks
+	$(BIN)/ruff check hessmpi tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .ruff_cache $(DATA)
