@@ -72,6 +72,7 @@ bench: install
 	$(BIN)/python benchmarks/checkpoint.py
 	$(BIN)/python benchmarks/convergence.py --quick
 	$(BIN)/python benchmarks/fullbatch_wall.py
+	$(BIN)/python benchmarks/cnn.py --part speed
 
 # On a machine with a GPU (CuPy installed): GPU against CPU, SGD and secant.
 bench-gpu: install

@@ -26,7 +26,8 @@ steps and time to it (CPU time of the steps alone: the machine may be shared; F 
 training rows after each step is not counted).
 
 The dataset data/fashion-mnist.h5 is built from ../shared/data/fashion-mnist by the importer
-if it is missing. Prints the tables; saves every figure to bench-results/cnn.json.
+if it is missing. Prints the tables; saves every figure to bench-results/cnn.json (a run of
+one part keeps the other part's figures there).
 """
 
 from __future__ import annotations
@@ -248,6 +249,9 @@ def main() -> None:
     if args.part in ("recipe", "both"):
         results["recipe"] = recipe(args.rows, args.steps, args.max_grid)
     RESULTS.parent.mkdir(exist_ok=True)
+    if RESULTS.is_file():          # keep the other part of an earlier run
+        earlier = json.loads(RESULTS.read_text())
+        results = {**{k: earlier[k] for k in ("speed", "recipe") if k in earlier}, **results}
     RESULTS.write_text(json.dumps(results, indent=1, default=float))
     print(f"\nsaved {RESULTS}")
 
