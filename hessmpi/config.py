@@ -85,7 +85,6 @@ def family(name: str | None) -> str | None:
     return name
 
 
-
 SCHEMA: dict[str, dict[str, Option]] = {
     "model": {
         "name": Option("softmax", "str", "softmax (multinomial logistic regression), mlp, "
