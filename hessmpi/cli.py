@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import sys
@@ -124,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _default_out(cfg: dict) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{cfg['model']['name']}-{cfg['optim']['name']}"
+    # a plug-in's name holds ':' and may hold a path: its file name and factory only
+    model = re.sub(r"[^\w.-]+", "-", re.sub(r"[^:]*/", "", cfg["model"]["name"]))
+    return Path("runs") / f"{stamp}-{model}-{cfg['optim']['name']}"
 
 
 def _train(args) -> int:

@@ -239,3 +239,14 @@ def test_a_plugin_run_equals_the_builtin_run_bit_for_bit(solo, tmp_path, optim):
     a, b = builtin.run(), plugin.run()
     np.testing.assert_array_equal(plugin.theta, builtin.theta)
     assert a["train_loss"] == b["train_loss"] and a["test_acc"] == b["test_acc"]
+
+
+@pytest.mark.parametrize(("name", "label"), [
+    ("mlp", "-mlp-sgd"),
+    (f"python:{PLUGINS}:dense_plugin", "-python-toymodels.py-dense_plugin-sgd"),
+    ("torch:pkg.nets:make", "-torch-pkg.nets-make-sgd")])
+def test_the_default_run_directory_of_a_plugin_is_one_folder_under_runs(name, label):
+    from hessmpi.cli import _default_out
+
+    out = _default_out({"model": {"name": name}, "optim": {"name": "sgd"}})
+    assert out.parent.name == "runs" and out.name.endswith(label), out
