@@ -19,10 +19,15 @@ EXAMPLE := jobs/configs/digits_mlp.toml
 
 install: $(VENV)/.installed
 
+# The torch extra is installed so that its tests run: the pinned CPU build, taken from pip's
+# configured sources; where those would offer the multi-GB CUDA build, point pip at PyTorch's
+# CPU index: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,data,report,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[test,data,report,dev,torch]' \
+	    $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	touch $@
 
 $(DATA): | $(VENV)/.installed
@@ -68,13 +73,14 @@ bench: install
 	$(BIN)/python benchmarks/convergence.py --quick
 	$(BIN)/python benchmarks/fullbatch_wall.py
 	$(BIN)/python benchmarks/robustness.py
+	$(BIN)/python benchmarks/cnn.py --part speed
 
 # On a machine with a GPU (CuPy installed): GPU against CPU, SGD and secant.
 bench-gpu: install
 	$(BIN)/python benchmarks/gpu.py
 
 lint: install
-	$(BIN)/ruff check hessmpi tests benchmarks
+	$(BIN)/ruff check hessmpi tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .ruff_cache $(DATA)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import sys
@@ -95,13 +96,17 @@ def _parser() -> argparse.ArgumentParser:
     dg = dsub.add_parser("digits", help="the UCI digits bundled in scikit-learn (1,797 samples)")
     dg.add_argument("--test-fraction", type=float, default=0.2)
     dg.add_argument("--seed", type=int, default=0)
-    dm = dsub.add_parser("mnist", help="MNIST from its IDX files (.gz or plain)")
-    dm.add_argument("--images", type=Path, required=True)
-    dm.add_argument("--labels", type=Path, required=True)
-    dm.add_argument("--test-images", type=Path)
-    dm.add_argument("--test-labels", type=Path)
-    dm.add_argument("--n-train", type=int, default=8000,
-                    help="without test files: the first N samples train, the rest test")
+    idx = []
+    for kind, what in (("mnist", "MNIST"), ("fashion-mnist", "Fashion-MNIST")):
+        dm = dsub.add_parser(kind, help=f"{what} from its IDX files (.gz or plain), with "
+                             "image_shape (for model.name = cnn)")
+        dm.add_argument("--images", type=Path, required=True)
+        dm.add_argument("--labels", type=Path, required=True)
+        dm.add_argument("--test-images", type=Path)
+        dm.add_argument("--test-labels", type=Path)
+        dm.add_argument("--n-train", type=int, default=8000,
+                        help="without test files: the first N samples train, the rest test")
+        idx.append(dm)
     ds = dsub.add_parser("synthetic", help="a seeded Gaussian mixture of given conditioning")
     ds.add_argument("--n-train", type=int, default=4000)
     ds.add_argument("--n-test", type=int, default=1000)
@@ -111,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="condition number of the feature covariance")
     ds.add_argument("--separation", type=float, default=2.0)
     ds.add_argument("--seed", type=int, default=0)
-    for q in (dg, dm, ds):
+    for q in (dg, *idx, ds):
         q.add_argument("--out", type=Path, required=True, help="dataset file to write")
 
     sub.add_parser("info", help="versions, MPI library, BLAS, GPU")
@@ -120,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _default_out(cfg: dict) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{cfg['model']['name']}-{cfg['optim']['name']}"
+    # a plug-in's name holds ':' and may hold a path: its file name and factory only
+    model = re.sub(r"[^\w.-]+", "-", re.sub(r"[^:]*/", "", cfg["model"]["name"]))
+    return Path("runs") / f"{stamp}-{model}-{cfg['optim']['name']}"
 
 
 def _train(args) -> int:
@@ -314,9 +321,9 @@ def _data(args) -> int:
 
     if args.source == "digits":
         train, test, attrs = importers.digits(args.test_fraction, args.seed)
-    elif args.source == "mnist":
+    elif args.source in importers.IDX_SETS:
         train, test, attrs = importers.mnist(args.images, args.labels, args.test_images,
-                                             args.test_labels, args.n_train)
+                                             args.test_labels, args.n_train, kind=args.source)
     else:
         train, test, attrs = importers.synthetic(args.n_train, args.n_test, args.features,
                                                  args.classes, args.cond, args.separation,

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import functools
 import math
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,14 @@ from hessmpi.errors import UsageError
 class Option:
     """One configuration key.
 
-    kind: "int", "float", "str", "bool" or "int_list".
-    choices: allowed values of a "str" option.
+    kind: "int", "float", "str", "bool", "int_list" or "table" (a TOML table: string keys,
+    values TOML strings, numbers, booleans, lists or tables).
+    choices: allowed values of a "str" option; ``pattern``: (regular expression, what it
+    means in words) of further allowed values.
     low: smallest allowed value of a number (inclusive unless ``low_open``).
-    applies: where the key means something, by the value of its section's ``name`` key
-    (model.name, optim.name): {name: alternatives}, each alternative {other key: allowed
+    applies: where the key means something, by the family of its section's ``name`` key
+    (:func:`family`: the name itself, or "python"/"torch" for a model plug-in):
+    {family: alternatives}, each alternative {other key: allowed
     values} (every condition of one alternative must hold; ``"*"``: any name); None:
     everywhere. A key set to a non-default value where it
     does not apply is refused.
@@ -45,6 +49,7 @@ class Option:
     high: float | None = None
     applies: dict[str, tuple[dict[str, tuple], ...]] | None = None
     fixed: bool = False
+    pattern: tuple[str, str] | None = None
 
 
 def _on(*names: str, **conditions: tuple) -> dict[str, tuple[dict[str, tuple], ...]]:
@@ -65,13 +70,36 @@ SGD, SECANT, DEFLATED = "sgd", "secant", "deflated"
 HESSIAN_FREE, ENTROPY_SGD, ADAM = "hessian_free", "entropy_sgd", "adam"
 QUASI_NEWTON = (SECANT, DEFLATED)
 
+# ----- model plug-ins: model.name = "python:MODULE:FACTORY" or "torch:MODULE:FACTORY" -----
+PLUGIN_FAMILIES = ("python", "torch")
+BUILTIN_MODELS = ("softmax", "mlp", "autoencoder", "cnn")
+PLUGIN_PATTERN = (r"(python|torch):([A-Za-z_]\w*(\.[A-Za-z_]\w*)*|[^:]+\.py):[A-Za-z_]\w*",
+                  "'python:MODULE:FACTORY' or 'torch:MODULE:FACTORY' (MODULE a dotted module "
+                  "or a path to a .py file, FACTORY a function in it)")
+
+
+def family(name: str | None) -> str | None:
+    """The family of a section's ``name`` that ``Option.applies`` is keyed by: "python" or
+    "torch" for a model plug-in ("python:MODULE:FACTORY"), else the name itself."""
+    if isinstance(name, str) and name.partition(":")[0] in PLUGIN_FAMILIES and ":" in name:
+        return name.partition(":")[0]
+    return name
+
 
 SCHEMA: dict[str, dict[str, Option]] = {
     "model": {
-        "name": Option("softmax", "str", "softmax (multinomial logistic regression), mlp, or "
+        "name": Option("softmax", "str", "softmax (multinomial logistic regression), mlp, "
                        "autoencoder (deep autoencoder of the inputs: logistic units, linear "
-                       "code layer, cross-entropy reconstruction)",
-                       choices=("softmax", "mlp", "autoencoder"), fixed=True),
+                       "code layer, cross-entropy reconstruction), cnn (conv 5x5, ReLU, 2x2 "
+                       "max-pool blocks, then dense layers), or a plug-in: a model of the "
+                       "protocol (python:) or a torch.nn.Module (torch:)",
+                       choices=BUILTIN_MODELS, pattern=PLUGIN_PATTERN, fixed=True),
+        "options": Option({}, "table", "keyword arguments of the plug-in's FACTORY",
+                          applies=_on(*PLUGIN_FAMILIES), fixed=True),
+        "channels": Option([32, 64], "int_list", "cnn: output channels of each conv 5x5 + "
+                           "ReLU + 2x2 max-pool block", applies=_on("cnn"), fixed=True),
+        "dense": Option([1024], "int_list", "cnn: widths of the hidden dense (ReLU) layers "
+                        "after the conv blocks", applies=_on("cnn"), fixed=True),
         "hidden": Option([256, 256], "int_list", "MLP hidden layer widths",
                          applies=_on("mlp"), fixed=True),
         "activation": Option("relu", "str", "MLP hidden activation", choices=("relu", "tanh"),
@@ -80,7 +108,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
                           "last is the code; the decoder mirrors them",
                           applies=_on("autoencoder"), fixed=True),
         "l2": Option(1e-4, "float", "L2 penalty (l2/2)*||theta||^2 in the objective", low=0.0,
-                     fixed=True),
+                     applies=_on(*BUILTIN_MODELS, "torch"), fixed=True),
     },
     "data": {
         "path": Option("data/digits.h5", "str", "HDF5 dataset file (groups train and test)",
@@ -257,9 +285,11 @@ def defaults() -> dict[str, dict[str, Any]]:
 
 def _allowed(opt: Option) -> str:
     if opt.choices:
-        return "one of " + ", ".join(repr(c) for c in opt.choices)
+        return ("one of " + ", ".join(repr(c) for c in opt.choices)
+                + (f", or {opt.pattern[1]}" if opt.pattern else ""))
     what = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-            "int_list": "a list of positive integers, e.g. [256, 256]"}[opt.kind]
+            "int_list": "a list of positive integers, e.g. [256, 256]",
+            "table": "a table of TOML values, e.g. {width = 16}"}[opt.kind]
     bounds = []
     if opt.low is not None:
         bounds.append(f"{'>' if opt.low_open else '>='} {opt.low:g}")
@@ -276,9 +306,14 @@ def _coerce(name: str, opt: Option, value: Any) -> Any:
             raise bad
         return value
     if opt.kind == "str":
-        if not isinstance(value, str) or (opt.choices and value not in opt.choices):
+        if not isinstance(value, str) or (opt.choices and value not in opt.choices and not (
+                opt.pattern and re.fullmatch(opt.pattern[0], value))):
             raise bad
         return value
+    if opt.kind == "table":
+        if not isinstance(value, dict) or not _plain_toml(value):
+            raise bad
+        return copy.deepcopy(value)
     if opt.kind == "int_list":
         if not isinstance(value, list) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
@@ -300,6 +335,16 @@ def _coerce(name: str, opt: Option, value: Any) -> Any:
     if opt.high is not None and value > opt.high:
         raise bad
     return value
+
+
+def _plain_toml(value: Any) -> bool:
+    """Whether ``value`` holds only what :func:`to_toml` writes back: strings, numbers,
+    booleans, lists and tables with string keys (no dates or times)."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_toml(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(map(_plain_toml, value))
+    return isinstance(value, (str, int, float, bool))
 
 
 def _parse_value(text: str) -> Any:
@@ -373,11 +418,24 @@ def load(path: str | Path | list | None, overrides: list[str] = (),
         section, dot, key = name.strip().partition(".")
         if not sep or not dot:
             raise UsageError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=0.05")
-        _merge(cfg, section, key, _parse_value(text.strip()), f"--set {item}")
+        key, entry, value = *_table_entry(cfg, section, key), _parse_value(text.strip())
+        if entry:    # section.key.entry=value: one entry of a table key, the others kept
+            value = {**cfg[section][key], entry: value}
+        _merge(cfg, section, key, value, f"--set {item}")
         given.add((section, key))
     _check_combinations(cfg)
     _check_applicable(cfg, given)
     return cfg
+
+
+def _table_entry(cfg: dict, section: str, key: str) -> tuple[str, str]:
+    """(key, entry) of ``--set section.key.entry=value`` where section.key is a table
+    (model.options.width=16); (key, "") otherwise."""
+    head, dot, entry = key.partition(".")
+    opt = SCHEMA.get(section, {}).get(head)
+    if dot and opt is not None and opt.kind == "table" and entry:
+        return head, entry
+    return key, ""
 
 
 def applies(cfg: dict, section: str, key: str) -> bool:
@@ -386,7 +444,7 @@ def applies(cfg: dict, section: str, key: str) -> bool:
     if rule is None:
         return True
     table = cfg[section]
-    alternatives = rule.get(table.get("name"), ()) + rule.get("*", ())
+    alternatives = rule.get(family(table.get("name")), ()) + rule.get("*", ())
     return any(all(table[k] in allowed for k, allowed in conditions.items())
                for conditions in alternatives)
 
@@ -395,7 +453,8 @@ def _where(section: str, rule: dict) -> str:
     """Where a key applies, in words: "optim.name = 'secant' with pairs = 'probe'"."""
     def one(name, conditions):
         where = [f"{k} = {' or '.join(map(repr, v))}" for k, v in conditions.items()]
-        name = "" if name == "*" else f"{section}.name = {name!r}"
+        name = ("" if name == "*" else f"{section}.name = '{name}:MODULE:FACTORY'"
+                if name in PLUGIN_FAMILIES else f"{section}.name = {name!r}")
         return " with ".join(filter(None, [name, " and ".join(where)]))
     return "; or ".join(one(name, c) for name, alternatives in rule.items()
                         for c in alternatives)
@@ -439,7 +498,8 @@ def _check_combinations(cfg: dict) -> None:
                          "direction alone: use optim.momentum = 0")
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "int_list": list}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "int_list": list,
+          "table": dict}
 
 
 @functools.cache
@@ -455,7 +515,7 @@ def options(cfg: dict, section: str):
     with a ``name`` key, only the keys that can apply to that name (model.name,
     optim.name); reading another is an AttributeError."""
     table = cfg[section]
-    cls = _options_class(section, table.get("name"))
+    cls = _options_class(section, family(table.get("name")))
     return cls(**{f.name: copy.deepcopy(table[f.name]) for f in dataclasses.fields(cls)})
 
 
@@ -467,6 +527,9 @@ def _toml_value(value: Any) -> str:
                              if ord(c) < 0x20 or c == "\x7f" else c for c in value) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}"
+                               for k, v in value.items()) + "}"
     return repr(value)
 
 

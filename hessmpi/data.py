@@ -2,7 +2,9 @@
 
 A dataset file holds ``train/x`` (N, d) float32, ``train/y`` (N,) int64 class labels in
 [0, n_classes), the same under ``test/``, and root attributes ``source``, ``n_classes``,
-``description``. Each rank reads only its own contiguous slab of rows.
+``description``, and for images ``image_shape`` ((height, width) or (height, width,
+channels): each row of x is an image in that row-major order). Each rank reads only its
+own contiguous slab of rows.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ FORMAT_VERSION = 1
 @dataclass
 class Shard:
     """One rank's rows of one split. x: (rows, d) host array; y: (rows,) int64;
-    offset: index of the first row in the file; total: rows of the split in the file."""
+    offset: index of the first row in the file; total: rows of the split in the file;
+    image_shape: (height, width[, channels]) of the rows as images, None if not images."""
 
     x: np.ndarray
     y: np.ndarray
@@ -29,12 +32,14 @@ class Shard:
     total: int
     n_classes: int
     source: str
+    image_shape: tuple[int, ...] | None = None
 
 
 def write_dataset(path: str | Path, train: tuple[np.ndarray, np.ndarray],
                   test: tuple[np.ndarray, np.ndarray], *, source: str, description: str,
-                  n_classes: int) -> None:
-    """Write a dataset file atomically (a temporary name, then rename into place)."""
+                  n_classes: int, image_shape: tuple[int, ...] | None = None) -> None:
+    """Write a dataset file atomically (a temporary name, then rename into place);
+    ``image_shape``: (height, width[, channels]) of each row, for image data."""
     import h5py
 
     path = Path(path)
@@ -44,6 +49,8 @@ def write_dataset(path: str | Path, train: tuple[np.ndarray, np.ndarray],
         with h5py.File(tmp, "w") as f:
             f.attrs.update(source=source, description=description, n_classes=int(n_classes),
                            format_version=FORMAT_VERSION)
+            if image_shape is not None:
+                f.attrs["image_shape"] = np.asarray(image_shape, dtype=np.int64)
             for split, (x, y) in (("train", train), ("test", test)):
                 g = f.create_group(split)
                 g.create_dataset("x", data=np.ascontiguousarray(x, dtype=np.float32))
@@ -91,6 +98,7 @@ def read_shard(path: str | Path, split: str, rank: int, size: int, *, equal: boo
             xs = x[start:stop]
             ys = _labels(path, split, y[start:stop])
             source = str(f.attrs.get("source", "unknown"))
+            image_shape = f.attrs.get("image_shape")
     except UsageError:
         raise
     except (OSError, KeyError, ValueError) as e:
@@ -99,8 +107,14 @@ def read_shard(path: str | Path, split: str, rank: int, size: int, *, equal: boo
         raise UsageError(f"dataset {path}: {split}/y holds labels outside [0, {n_classes})")
     if not np.isfinite(xs).all():
         raise UsageError(f"dataset {path}: {split}/x holds non-finite values")
+    if image_shape is not None:
+        image_shape = tuple(int(v) for v in np.atleast_1d(image_shape))
+        if (len(image_shape) not in (2, 3) or min(image_shape) < 1
+                or int(np.prod(image_shape)) != xs.shape[1]):
+            raise UsageError(f"dataset {path}: root attribute image_shape {image_shape} is "
+                             f"not (height, width[, channels]) of its {xs.shape[1]} features")
     return Shard(x=xs, y=ys, offset=start, total=int(x.shape[0]), n_classes=n_classes,
-                 source=source)
+                 source=source, image_shape=image_shape)
 
 
 def _check_split(path: Path, f, split: str, size: int, equal: bool) -> None:

@@ -37,7 +37,7 @@ def digits(test_fraction: float = 0.2, seed: int = 0):
                         "digits, test part)",
                  description=f"8x8 digits scaled to [0,1], shuffled with seed {seed}, "
                              f"{n_train} train / {len(y) - n_train} test",
-                 n_classes=10)
+                 n_classes=10, image_shape=(8, 8))
     return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:]), attrs
 
 
@@ -73,7 +73,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _idx_pair(images: str | Path, labels: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def _idx_pair(images: str | Path, labels: str | Path):
+    """(x (N, rows*cols) float32 in [0, 1], y (N,) int64, (rows, cols)) of an IDX image
+    and label file."""
     x = read_idx(images)
     y = read_idx(labels)
     if x.ndim != 3:
@@ -83,19 +85,34 @@ def _idx_pair(images: str | Path, labels: str | Path) -> tuple[np.ndarray, np.nd
     if len(x) != len(y):
         raise UsageError(f"{images} has {len(x)} images but {labels} has {len(y)} labels")
     if y.size and y.max() > 9:
-        raise UsageError(f"{labels} holds labels above 9: not MNIST digits")
-    return (x.reshape(len(x), -1) / np.float32(255)).astype(np.float32), y.astype(np.int64)
+        raise UsageError(f"{labels} holds labels above 9: not one of MNIST's 10 classes")
+    return ((x.reshape(len(x), -1) / np.float32(255)).astype(np.float32), y.astype(np.int64),
+            tuple(int(v) for v in x.shape[1:]))
 
 
-def mnist(images, labels, test_images=None, test_labels=None, n_train: int = 8000):
-    """MNIST from its IDX files, pixels scaled to [0, 1]. With test files, those are the test
-    split; without, the first ``n_train`` samples train and the rest test (the convention of
-    ../shared/data for the 10,000-sample t10k files)."""
-    x, y = _idx_pair(images, labels)
+#: The IDX image sets the mnist importer reads: (source, what the images are).
+IDX_SETS = {
+    "mnist": ("MNIST (LeCun, Cortes & Burges), IDX files", "digits"),
+    "fashion-mnist": ("Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, Zalando), IDX files",
+                      "images of clothing (10 classes)"),
+}
+
+
+def mnist(images, labels, test_images=None, test_labels=None, n_train: int = 8000,
+          kind: str = "mnist"):
+    """MNIST, or an image set in its IDX format (``kind``: a key of IDX_SETS, e.g.
+    "fashion-mnist"), pixels scaled to [0, 1], with ``image_shape`` (rows, cols). With test
+    files, those are the test split; without, the first ``n_train`` samples train and the
+    rest test (the convention of ../shared/data for the 10,000-sample t10k files)."""
+    source, what = IDX_SETS[kind]
+    x, y, shape = _idx_pair(images, labels)
     if (test_images is None) != (test_labels is None):
         raise UsageError("give both --test-images and --test-labels, or neither")
     if test_images is not None:
-        train, test = (x, y), _idx_pair(test_images, test_labels)
+        *test, test_shape = _idx_pair(test_images, test_labels)
+        if test_shape != shape:
+            raise UsageError(f"{images} holds {shape} images but {test_images} {test_shape}")
+        train, test = (x, y), tuple(test)
         how = f"train from {Path(images).name}, test from {Path(test_images).name}"
     else:
         if not 0 < n_train < len(y):
@@ -103,8 +120,8 @@ def mnist(images, labels, test_images=None, test_labels=None, n_train: int = 800
                              f"for {len(y)} samples")
         train, test = (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
         how = f"first {n_train} of {Path(images).name} train, last {len(y) - n_train} test"
-    attrs = dict(source="MNIST (LeCun, Cortes & Burges), IDX files",
-                 description=f"28x28 digits scaled to [0,1]; {how}", n_classes=10)
+    attrs = dict(source=source, description=f"{shape[0]}x{shape[1]} {what} scaled to [0,1]; "
+                 f"{how}", n_classes=10, image_shape=shape)
     return train, test, attrs
 
 

@@ -29,7 +29,7 @@ from hessmpi.comm import Communicator
 from hessmpi.data import Sampler, read_shard
 from hessmpi.errors import NonFiniteLoss, RunFailed, RunStopped, UsageError
 from hessmpi.metrics import DIAGNOSTICS, MetricsFile
-from hessmpi.models import build_model
+from hessmpi.models import model_for, model_identity
 from hessmpi.objective import Objective
 from hessmpi.optim import StepInfo, build_optimizer
 from hessmpi.optim.schedule import Schedule
@@ -75,7 +75,7 @@ def prepare_output(comm: Communicator, out: Path, resuming: bool) -> None:
 def model_signature(cfg: dict, n_features: int, n_classes: int, n_params: int) -> str:
     """What a checkpoint must match to be loaded into this run: model, data shape, optimizer."""
     o = cfg["optim"]
-    return json.dumps({"model": cfg["model"], "n_features": n_features,
+    return json.dumps({"model": model_identity(cfg), "n_features": n_features,
                        "n_classes": n_classes, "n_params": n_params, "dtype":
                        cfg["backend"]["dtype"], "optim": o["name"]}, sort_keys=True)
 
@@ -109,8 +109,8 @@ class Training:
                                          tcfg["seed"], comm.rank)
         x_train, y_train = xp.asarray(train.x, dtype=dtype), xp.asarray(train.y)
         self.x_test, self.y_test = xp.asarray(test.x, dtype=dtype), xp.asarray(test.y)
-        self.model = build_model(cfg["model"], train.x.shape[1], train.n_classes, xp=xp,
-                                 dtype=dtype)
+        self.model = comm.collectively(model_for, cfg["model"], train, xp=xp, dtype=dtype,
+                                       seed=tcfg["seed"])
         theta = self.model.init_params(tcfg["seed"])
         comm.bcast_(theta)
         self.theta = xp.asarray(theta)

@@ -186,3 +186,110 @@ def spd(n: int, seed: int, eigs=None, *, low=1.0, high=10.0):
     R = np.linalg.qr(rng.standard_normal((n, n)))[0]
     eigs = np.linspace(low, high, n) if eigs is None else np.asarray(eigs)
     return R @ np.diag(eigs) @ R.T, rng.standard_normal(n), rng
+
+
+# ----- model plug-ins: model.name = f"python:{PLUGINS}:FACTORY" or f"torch:{PLUGINS}:..." -------
+#: This file as a plug-in MODULE (a path to a .py file).
+PLUGINS = __file__
+
+
+class DensePlugin:
+    """A model of the protocol as a user writes one: a DenseNet inside, only n_params and
+    the methods on the outside (no xp or dtype attributes; hessmpi supplies those).
+    ``fail``: (rank, call): loss_grad call number ``call`` (from 1) on MPI rank ``rank``
+    raises RuntimeError("injected plug-in failure")."""
+
+    def __init__(self, sizes, activation, l2, xp, dtype, fail=None):
+        self._net = DenseNet(sizes, activation, l2, xp=xp, dtype=dtype)
+        self.n_params = self._net.n_params
+        self._fail, self._calls = fail, 0
+
+    def init_params(self, seed):
+        return self._net.init_params(seed)
+
+    def loss(self, theta, x, y):
+        return self._net.loss(theta, x, y)
+
+    def loss_grad(self, theta, x, y, grad):
+        self._calls += 1
+        if self._fail is not None and self._calls == self._fail[1]:
+            from mpi4py import MPI
+
+            if MPI.COMM_WORLD.rank == self._fail[0]:
+                raise RuntimeError("injected plug-in failure")
+        return self._net.loss_grad(theta, x, y, grad)
+
+    def evaluate(self, theta, x, y):
+        return self._net.evaluate(theta, x, y)
+
+
+class CurvatureDensePlugin(DensePlugin):
+    """DensePlugin with the optional curvature_product."""
+
+    def curvature_product(self, theta, v, x, y, out=None):
+        return self._net.curvature_product(theta, v, x, y, out)
+
+
+def dense_plugin(n_features, n_classes, *, xp, dtype, hidden=(8,), activation="relu",
+                 l2=1e-4, fail=None, curvature=False):
+    """FACTORY of the DensePlugin [n_features, *hidden, n_classes] (the built-in mlp's
+    network: a run with it must equal model.name = "mlp")."""
+    cls = CurvatureDensePlugin if curvature else DensePlugin
+    return cls([n_features, *hidden, n_classes], activation, l2, xp, dtype,
+               None if fail is None else tuple(fail))
+
+
+def raising_plugin(n_features, n_classes, *, xp, dtype, width=3):
+    raise ValueError(f"width {width} must be even")
+
+
+def not_a_model(n_features, n_classes, *, xp, dtype):
+    return {"n_params": 3}
+
+
+def wrong_length_plugin(n_features, n_classes, *, xp, dtype):
+    """init_params gives one value too many."""
+    model = dense_plugin(n_features, n_classes, xp=xp, dtype=dtype)
+    model.init_params = lambda seed: np.zeros(model.n_params + 1)
+    return model
+
+
+def nan_loss_plugin(n_features, n_classes, *, xp, dtype):
+    """A loss that is NaN at the initial parameters."""
+    model = dense_plugin(n_features, n_classes, xp=xp, dtype=dtype)
+    model.loss_grad = lambda theta, x, y, grad: float("nan")
+    return model
+
+
+def wrong_shape_plugin(n_features, n_classes, *, xp, dtype):
+    """A model built for one feature less than the data has: its products fail."""
+    return dense_plugin(n_features - 1, n_classes, xp=xp, dtype=dtype)
+
+
+def torch_mlp(n_features, n_classes, hidden=8, activation="relu"):
+    """A torch.nn.Module twin of DenseNet [n_features, hidden, n_classes]."""
+    import torch
+
+    act = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh}[activation]
+    return torch.nn.Sequential(torch.nn.Linear(n_features, hidden), act(),
+                               torch.nn.Linear(hidden, n_classes))
+
+
+def torch_not_a_module(n_features, n_classes):
+    return "a string"
+
+
+def torch_with_buffers(n_features, n_classes):
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Linear(n_features, 4), torch.nn.BatchNorm1d(4),
+                               torch.nn.Linear(4, n_classes))
+
+
+def torch_theta_from_dense(net: DenseNet, theta) -> np.ndarray:
+    """DenseNet parameters theta as the flat vector of its torch.nn.Sequential twin
+    (Linear weights are (fan_out, fan_in): the transposes)."""
+    parts = []
+    for w, b in net.views(np.asarray(theta)):
+        parts += [w.T.ravel(), b]
+    return np.concatenate(parts)

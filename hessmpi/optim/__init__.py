@@ -9,6 +9,7 @@ memory and exchange); the comparators ``hessian_free``: :class:`HessianFree` and
 
 from __future__ import annotations
 
+from hessmpi.models.protocol import require_curvature
 from hessmpi.optim.adam import Adam
 from hessmpi.optim.base import Optimizer, StepInfo
 from hessmpi.optim.deflated import Deflated
@@ -28,7 +29,8 @@ METHODS = {"secant": Secant, "deflated": Deflated, "hessian_free": HessianFree,
 def build_optimizer(opts, theta, objective, *, seed: int) -> Optimizer:
     """The optimizer of the typed ``[optim]`` options ``opts`` (``config.options(cfg,
     "optim")``) for parameters like ``theta`` (n,) on ``objective``; ``seed`` seeds what is
-    random in it (probes, the first basis)."""
+    random in it (probes, the first basis). A method whose class declares
+    ``needs_curvature = True`` refuses a model without curvature products (UsageError)."""
     if opts.name == "sgd":
         return SGD(theta, momentum=opts.momentum, weight_decay=opts.weight_decay,
                    nesterov=opts.nesterov)
@@ -36,4 +38,6 @@ def build_optimizer(opts, theta, objective, *, seed: int) -> Optimizer:
         return Adam(theta, beta1=opts.momentum, beta2=opts.adam_beta2, eps=opts.adam_eps)
     if opts.name not in METHODS:
         raise ValueError(f"unknown optimizer {opts.name!r}")
+    if getattr(METHODS[opts.name], "needs_curvature", False):
+        require_curvature(objective.model, opts.name)
     return METHODS[opts.name](theta, objective, opts, seed=seed)

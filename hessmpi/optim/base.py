@@ -23,7 +23,10 @@ class StepInfo:
 class Optimizer(Protocol):
     """One method. It owns its state (arrays of the backend's module, allocated once);
     ``step`` evaluates the objective as it needs (its gradient's Allreduce included) and
-    updates ``theta`` (n,) in place, identically on every rank."""
+    updates ``theta`` (n,) in place, identically on every rank. ``needs_curvature``: the
+    method calls ``objective.curvature_product`` (a model without it is refused)."""
+
+    needs_curvature: bool = False
 
     def step(self, theta, objective, lr: float) -> StepInfo:
         """One step at learning rate ``lr`` on the objective's current batch."""

@@ -57,6 +57,8 @@ def martens_stop(phis: list[float], i: int) -> bool:
 class HessianFree:
     """``opts``: the typed options of ``optim.name = "hessian_free"``."""
 
+    needs_curvature = True
+
     def __init__(self, theta, objective, opts, *, seed: int):
         self.xp = objective.xp
         self.o = opts

@@ -33,7 +33,7 @@ DOCUMENTED_DEFAULTS = {
     ("backend", "dtype"): "float32",
 }
 
-TYPES = {"int": int, "float": float, "str": str, "bool": bool, "int_list": list}
+TYPES = {"int": int, "float": float, "str": str, "bool": bool, "int_list": list, "table": dict}
 
 
 def test_defaults_hold_every_schema_key_with_its_type():
@@ -220,7 +220,7 @@ def test_malformed_set_items(item):
     ("[trainer]\nsteps = 1\n", ["trainer", "train"]),
     ("[train]\nsteps = 2.5\n", ["train.steps", "an integer"]),
     ("[train]\nsteps = false\n", ["train.steps", "an integer"]),
-    ('[model]\nname = "cnn"\n', ["model.name", "'softmax'", "'mlp'"]),
+    ('[model]\nname = "resnet"\n', ["model.name", "'softmax'", "'cnn'", "python:MODULE"]),
     ("steps = 10\n", ["steps", "[section]"]),
     ("[model.extra]\nx = 1\n", ["model.extra"]),
 ])

@@ -1,0 +1,41 @@
+"""The Python API on P ranks: DistributedOptimizer steps on each rank's own rows are the
+steps of one process on every rank's rows, and every rank holds the same parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from harness import gathered
+from mpicheck import assert_all, assert_identical
+from toymodels import rank_rows
+
+import hessmpi
+from hessmpi.models.dense import DenseNet
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_steps_on_each_ranks_rows_are_steps_on_the_global_batch(comm):
+    x, y = rank_rows(comm.rank, seed=1, label_seed=2, spread=0.5)
+    model = DenseNet([5, 4, 3], "tanh", 1e-3, dtype=np.float64)
+    start = model.init_params(0) + comm.rank        # rank 0's is broadcast
+    opt = hessmpi.DistributedOptimizer(model, comm=comm, theta=start,
+                                       optim={"name": "sgd", "lr": 0.1, "momentum": 0.9})
+    losses = [opt.step(x, y).loss for _ in range(6)]
+    assert_identical(comm, parameters=opt.theta)
+    xs, ys = gathered(comm, x, y)
+    theta, velocity = model.init_params(0), np.zeros(model.n_params)
+    want = []
+    for _ in range(6):
+        grad = np.empty(model.n_params)
+        want.append(float(model.loss_grad(theta, xs, ys, grad)))
+        velocity = 0.9 * velocity + grad
+        theta = theta - 0.1 * velocity
+    assert_all(comm, np.allclose(losses, want, rtol=1e-12, atol=0)
+               and np.allclose(opt.theta, theta, rtol=1e-10, atol=1e-12),
+               f"losses {losses} != {want}")
+    loss, acc = opt.evaluate(x, y)
+    total, correct = model.evaluate(opt.theta, xs, ys)
+    assert_all(comm, abs(loss - total / len(ys)) < 1e-12 and acc == correct / len(ys))
+    opt.check_consistency()

@@ -1,0 +1,79 @@
+"""The Python API on one rank: DistributedOptimizer steps are the optimizer's steps written
+out (SGD on a quadratic in closed form), its options are validated like a file's, and its
+state continues a run bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from toymodels import Quadratic, SoftmaxProblem, spd
+
+import hessmpi
+from hessmpi.errors import UsageError
+
+
+def quadratic_model(n=6, seed=0):
+    A, b, _ = spd(n, seed)
+    quad = Quadratic(A, b)
+    return quad, hessmpi.FunctionModel(n, quad.loss_grad, loss=quad.loss,
+                                       curvature_product=quad.curvature_product)
+
+
+def test_sgd_steps_are_the_written_out_recursion(solo):
+    quad, model = quadratic_model()
+    theta0 = np.linspace(-1, 1, 6)
+    opt = hessmpi.DistributedOptimizer(model, comm=solo, theta=theta0,
+                                       optim={"name": "sgd", "lr": 0.05, "momentum": 0.5})
+    theta, velocity = theta0.copy(), np.zeros(6)
+    for _ in range(5):
+        info = opt.step(np.zeros((1, 1)), np.zeros(1, np.int64))
+        g = quad.A @ theta - quad.b
+        assert info.loss == pytest.approx(quad.loss(theta, None, None), rel=1e-12)
+        velocity = 0.5 * velocity + g
+        theta = theta - 0.05 * velocity
+    np.testing.assert_allclose(opt.theta, theta, rtol=1e-12)
+    assert opt.steps == 5 and opt.rank == 0 and opt.size == 1
+
+
+def test_function_model_defaults(solo):
+    quad, _ = quadratic_model()
+    model = hessmpi.FunctionModel(6, quad.loss_grad)
+    theta = np.ones(6)
+    assert model.loss(theta, None, np.zeros(3)) == pytest.approx(quad.loss(theta, None, None))
+    loss_sum, correct = model.evaluate(theta, None, np.zeros(3))
+    assert loss_sum == pytest.approx(3 * quad.loss(theta, None, None)) and np.isnan(correct)
+    assert not hasattr(model, "curvature_product")
+    np.testing.assert_array_equal(model.init_params(3), np.zeros(6))
+
+
+def test_options_are_validated_like_a_file(solo):
+    _, model = quadratic_model()
+    with pytest.raises(UsageError, match="optim.nesterov"):
+        hessmpi.DistributedOptimizer(model, comm=solo, optim={"name": "secant",
+                                                              "nesterov": True})
+    with pytest.raises(UsageError, match="optim.lrr"):
+        hessmpi.DistributedOptimizer(model, comm=solo, optim={"lrr": 0.1})
+    with pytest.raises(ValueError, match=r"theta has shape \(5,\)"):
+        hessmpi.DistributedOptimizer(model, comm=solo, theta=np.zeros(5))
+
+
+def test_state_continues_a_secant_run_bit_for_bit(solo):
+    problem = SoftmaxProblem(seed=3, rows=120, batch=16)
+    batches = [problem.draw() for _ in range(12)]
+    optim = {"name": "secant", "lr": 0.2, "memory": 3}
+    whole = hessmpi.DistributedOptimizer(problem.model, comm=solo, optim=optim,
+                                         theta=problem.theta)
+    for x, y in batches:
+        whole.step(x, y)
+    first = hessmpi.DistributedOptimizer(problem.model, comm=solo, optim=optim,
+                                         theta=problem.theta)
+    for x, y in batches[:5]:
+        first.step(x, y)
+    saved = first.state()
+    second = hessmpi.DistributedOptimizer(problem.model, comm=solo, optim=optim)
+    second.load_state(saved)
+    for x, y in batches[5:]:
+        second.step(x, y)
+    np.testing.assert_array_equal(second.theta, whole.theta)
+    assert second.steps == 12
+    second.check_consistency()
