@@ -55,7 +55,9 @@ def method_label(cfg: dict) -> str:
     probe batch fraction, ls line search where not the default; a the secant step length),
     read from the configuration's typed options."""
     o = config_mod.options(cfg, "optim")
-    label = f"{o.name} lr={o.lr:g} mom={o.momentum:g}"
+    label = f"{o.name} lr={o.lr:g}"
+    if config_mod.applies(cfg, "optim", "momentum"):
+        label += f" mom={o.momentum:g}"
     if o.name == "sgd":
         label += " nesterov" * o.nesterov + (f" wd={o.weight_decay:g}" if o.weight_decay
                                              else "")
@@ -73,8 +75,12 @@ def method_label(cfg: dict) -> str:
         parts.append(f"pb={o.probe_batch:g}")
     if config_mod.applies(cfg, "optim", "line_search") and o.line_search != "none":
         parts.append(f"ls={o.line_search}")
-    if o.name != "sgd":
+    if config_mod.applies(cfg, "optim", "newton_lr"):
         parts.append(f"a={o.newton_lr:g}")
+    if o.name == "dcasgd":
+        parts.append(f"lambda={o.dc_lambda:g} " + ("adaptive" if o.dc_adaptive else "constant"))
+    if config_mod.applies(cfg, "optim", "async_delay") and o.async_delay:
+        parts.append(f"delay={o.async_delay}")
     return " ".join([label, *parts])
 
 
