@@ -460,17 +460,14 @@ class AsyncRun:
                     test_acc=math.nan, wall_time=math.nan)
 
     # ----- the server ---------------------------------------------------------------------
-    def _reply(self, rank: int, kind: int, params=None) -> None:
-        """Answer worker ``rank``: PARAMS sends ``params`` (default: the current parameters,
-        which become its backup) with the version it fetches; any other kind ends it."""
+    def _reply(self, rank: int, kind: int) -> None:
+        """Answer worker ``rank``: PARAMS sends its backup (what it fetched) with the version
+        it was fetched at; any other kind ends it."""
         k = rank - 1
         self.sends[k].Wait()          # the last reply to it has left (it pushed since)
         message = self.replies[k]
         if kind == PARAMS:
-            if params is None:
-                self.optimizer.fetch(k, self.theta, self.updates)
-                params = self.theta
-            copy_to_host(message.payload, params)
+            copy_to_host(message.payload, self.optimizer.backups[k])
         message.ints[:] = (kind, self.optimizer.fetched[k] if kind == PARAMS else self.updates)
         buf = message.whole() if kind == PARAMS else message.header()
         self.sends[k] = self.comm.comm.Isend(buf, dest=rank, tag=REPLY)
@@ -542,8 +539,9 @@ class AsyncRun:
         self.failure, self.failed_params = None, self.theta
         self.active = set(range(1, self.comm.size))
         for rank in sorted(self.active):
-            self._reply(rank, PARAMS, params=self.optimizer.backups[rank - 1]
-                        if self.fetched_restored else None)
+            if not self.fetched_restored:   # else: its backup again, as if never stopped
+                self.optimizer.fetch(rank - 1, self.theta, self.updates)
+            self._reply(rank, PARAMS)
         xp = self.backend.xp
         message_bytes = self.replies[0].raw.nbytes
         test_loss = test_acc = last_loss = math.nan
@@ -583,6 +581,8 @@ class AsyncRun:
             self.optimizer.update(self.theta, self.grad.array, k, self.schedule(self.updates))
             self.updates += 1
             done = self.updates
+            # the worker's next parameters (sent now, or after a resume if the run ends here)
+            self.optimizer.fetch(k, self.theta, done)
             self.grad_evals += 1
             if stale >= len(self.staleness):
                 self.staleness = np.concatenate([self.staleness, np.zeros(
