@@ -4,7 +4,9 @@
 step rule, a line search); ``deflated``: :class:`Deflated` (basis probes over the same
 memory and exchange); the comparators ``hessian_free``: :class:`HessianFree` and
 ``entropy_sgd``: :class:`EntropySGD`. Every one follows
-:class:`~hessmpi.optim.base.Optimizer`.
+:class:`~hessmpi.optim.base.Optimizer`. The asynchronous methods ``asgd`` and ``dcasgd``
+have no synchronous step: their parameter server (:mod:`hessmpi.asynchronous`) applies
+each worker's push with :class:`~hessmpi.optim.dcasgd.DelayCompensation`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ def build_optimizer(opts, theta, objective, *, seed: int) -> Optimizer:
     if opts.name == "sgd":
         return SGD(theta, momentum=opts.momentum, weight_decay=opts.weight_decay,
                    nesterov=opts.nesterov)
+    if opts.name in ("asgd", "dcasgd"):
+        raise ValueError(f"optim.name = {opts.name!r} is asynchronous: it runs on a parameter "
+                         "server (hessmpi.trainer.make_run, hessmpi.asynchronous.AsyncRun), "
+                         "not as a synchronous step")
     if opts.name not in METHODS:
         raise ValueError(f"unknown optimizer {opts.name!r}")
     return METHODS[opts.name](theta, objective, opts, seed=seed)
