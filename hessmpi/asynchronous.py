@@ -348,7 +348,7 @@ class AsyncRun:
             return
         if not same:
             log(f"warning: resuming on {self.comm.size} ranks a run checkpointed on "
-                f"{attrs['mpi_size']}: parameters and MeanSquare restored, the workers' "
+                f"{attrs['mpi_size']}: parameters (and MeanSquare) restored, the workers' "
                 "backups dropped (each fetches the parameters anew), the data re-sharded; "
                 "the sample order changed")
         self.theta[...] = self.backend.xp.asarray(arrays["params"])
