@@ -96,12 +96,6 @@ class Message:
         self.payload = self.raw[head:].view(dtype)
         self.header_bytes = head
 
-    def whole(self) -> list:
-        return [self.raw, MPI.BYTE]
-
-    def header(self) -> list:
-        """The header alone (a reply that carries no parameters)."""
-        return [self.raw, self.header_bytes, MPI.BYTE]
 
 
 class Mirror:
@@ -196,7 +190,8 @@ def check_layout(opts, size: int) -> None:
 
 @dataclass
 class Tally:
-    """Sums over the updates since the last metrics row (seconds, bytes, staleness)."""
+    """Sums over the updates since the last metrics row (seconds, bytes sent by the server,
+    staleness)."""
 
     updates: int = 0
     loss: float = 0.0
@@ -428,13 +423,13 @@ class AsyncRun:
     # ----- the worker ---------------------------------------------------------------------
     def _work(self) -> dict:
         """Fetch, compute, push, until the server answers with an end."""
-        comm, xp, n = self.comm.comm, self.backend.xp, self.model.n_params
+        comm, xp, n = self.comm, self.backend.xp, self.model.n_params
         dtype = self.backend.dtype
         reply = Message(n, dtype, REPLY_INTS)
         push = Message(n, dtype, PUSH_INTS, PUSH_FLOATS)
         theta, grad = Mirror(xp, reply.payload), Mirror(xp, push.payload)
         objective, sampler = self.objective, self.sampler
-        wait(comm.Irecv(reply.whole(), source=0, tag=REPLY))
+        wait(comm.irecv(reply.raw, source=0, tag=REPLY))
         while reply.ints[0] == PARAMS:
             theta.pull()
             objective.next_batch()
@@ -447,8 +442,8 @@ class AsyncRun:
             self.pushes += 1
             push.ints[:] = (self.stop_signal, sampler.epoch, sampler.position, self.pushes)
             push.floats[:] = (loss, seconds, sampler.epochs_done)
-            receive = comm.Irecv(reply.whole(), source=0, tag=REPLY)
-            send = comm.Isend(push.whole(), dest=0, tag=PUSH)
+            receive = comm.irecv(reply.raw, source=0, tag=REPLY)
+            send = comm.isend(push.raw, dest=0, tag=PUSH)
             wait(receive)
             send.Wait()
         kind = int(reply.ints[0])
@@ -469,15 +464,15 @@ class AsyncRun:
         if kind == PARAMS:
             copy_to_host(message.payload, self.optimizer.backups[k])
         message.ints[:] = (kind, self.optimizer.fetched[k] if kind == PARAMS else self.updates)
-        buf = message.whole() if kind == PARAMS else message.header()
-        self.sends[k] = self.comm.comm.Isend(buf, dest=rank, tag=REPLY)
+        self.sends[k] = self.comm.isend(message.raw, rank, REPLY, count=None if kind == PARAMS
+                                        else message.header_bytes)
         self.sent_at[k] = time.perf_counter()
 
     def _receive(self, source: int) -> int | None:
         """The rank of the next push, now in ``self.push`` (from ``source``, or any); None
         if this rank's own signal came first (the receive stays posted)."""
         if self._pending is None:
-            self._pending = self.comm.comm.Irecv(self.push.whole(), source=source, tag=PUSH)
+            self._pending = self.comm.irecv(self.push.raw, source=source, tag=PUSH)
         started = time.perf_counter()
         try:
             done = wait(self._pending, self._status, idle=self._idle)
@@ -512,7 +507,7 @@ class AsyncRun:
         self._next_check = now + min(0.1, timeout / 10)
         for rank in sorted(self.active):
             silent = now - self.sent_at[rank - 1]
-            if silent <= timeout or self.comm.comm.Iprobe(source=rank, tag=PUSH):
+            if silent <= timeout or self.comm.iprobe(rank, PUSH):
                 self._suspect.pop(rank, None)
                 continue
             since = self._suspect.setdefault(rank, now)
@@ -543,7 +538,7 @@ class AsyncRun:
                 self.optimizer.fetch(rank - 1, self.theta, self.updates)
             self._reply(rank, PARAMS)
         xp = self.backend.xp
-        message_bytes = self.replies[0].raw.nbytes
+        bytes_mark = self.comm.bytes_sent
         test_loss = test_acc = last_loss = math.nan
         checkpoint = None
         started = time.perf_counter() - self.wall_offset
@@ -602,7 +597,6 @@ class AsyncRun:
             t.stale += stale
             t.stale_max = max(t.stale_max, stale)
             t.t_grad += t_grad
-            t.bytes_sent += message_bytes
             t.t_solve += time.perf_counter() - t0
             wall = time.perf_counter() - started
             if self.on_update is not None:
@@ -613,6 +607,7 @@ class AsyncRun:
                     test_loss, test_acc = self.objective.evaluate(self.theta, self.x_test,
                                                                   self.y_test)
                 last_loss = t.mean("loss")
+                t.bytes_sent, bytes_mark = self.comm.bytes_sent - bytes_mark, self.comm.bytes_sent
                 row = {
                     "step": done, "epoch": self.epoch, "wall_time": wall,
                     "train_loss": last_loss, "grad_evals": self.grad_evals,
