@@ -1,16 +1,17 @@
 """``hessmpi report``: one row per run, read from each run's metrics.h5 (running runs too),
 as an aligned table, a CSV file, and a figure of the training curves.
 
-Columns: ``run``; ``method`` (optimizer and its key options); ``ranks``; ``batch`` (per rank);
-``backend``; ``status`` (running, stopped, finished, failed); ``steps`` (the last logged
-step); ``grad_evals`` (per rank; asynchronous runs: over all workers); ``final_loss`` and
-``best_loss`` (the minibatch training objective of the logged rows); ``test_acc`` (the last evaluation); ``wall_s`` (training wall
-time); ``fallback_rate`` (share of all steps that fell back to SGD); ``t_grad_ms``,
-``t_comm_ms``, ``t_solve_ms`` (medians over the logged rows of the per-step seconds in
-gradient evaluation, MPI collectives and the optimizer update). With a target,
-``to_loss_steps``/``to_loss_s`` (the first logged step, and its wall time, whose training
-loss is at or below ``--target-loss``) and ``to_acc_steps``/``to_acc_s`` (the first
-evaluation at or above ``--target-acc``); ``-`` where not reached.
+Columns: ``run``; ``method`` (optimizer and its key options); ``ranks``; ``batch`` (per
+rank); ``backend``; ``status`` (running, stopped, finished, failed); ``steps`` (the last
+logged step); ``grad_evals`` (per rank; asynchronous runs: over all workers); ``final_loss``
+and ``best_loss`` (the minibatch training objective of the logged rows); ``test_acc`` (the
+last evaluation); ``wall_s`` (training wall time); ``fallback_rate`` (share of all steps
+that fell back to SGD); ``t_grad_ms``, ``t_comm_ms``, ``t_solve_ms`` (medians over the
+logged rows of the per-step seconds in gradient evaluation, MPI collectives and the
+optimizer update). With a target, ``to_loss_steps``/``to_loss_s`` (the first logged step,
+and its wall time, whose training loss is at or below ``--target-loss``) and
+``to_acc_steps``/``to_acc_s`` (the first evaluation at or above ``--target-acc``); ``-``
+where not reached.
 """
 
 from __future__ import annotations
