@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from hessmpi import __version__
-from hessmpi.errors import RunFailed, RunStopped, UsageError
+from hessmpi.errors import RankLost, RunFailed, RunStopped, UsageError
 
 #: Exit status of a run stopped by SIGTERM/SIGUSR1 after its checkpoint (EX_TEMPFAIL).
 EXIT_STOPPED = 75
@@ -174,9 +174,9 @@ def _train(args) -> int:
             comm.device_path = (("direct" if cuda_aware_mpi() else "staged") if path == "auto"
                                 else path)
 
-        from hessmpi.trainer import Run
+        from hessmpi.trainer import make_run
 
-        run = Run(cfg, comm, backend, out, resume=resume)
+        run = make_run(cfg, comm, backend, out, resume=resume)
         run.stop_signal = early[0] if early else 0
         summary = run.run()
     except UsageError as e:
@@ -186,6 +186,8 @@ def _train(args) -> int:
     except RunFailed as e:
         if comm.rank == 0:
             _error(f"run failed: {e}")
+        if isinstance(e, RankLost) and comm.size > 1:   # a rank that no longer answers
+            comm.abort(1)
         return 1
     except RunStopped as e:
         if comm.rank == 0:

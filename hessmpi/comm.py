@@ -113,6 +113,23 @@ class Communicator:
         self._on_buffer(lambda b: self.comm.Bcast(b, root=root), buf)
         self._count(buf.nbytes if self.rank == root else 0, t)
 
+    # ----- point to point: the asynchronous parameter server (host byte buffers) ---------
+    def isend(self, buf: np.ndarray, dest: int, tag: int, count: int | None = None):
+        """Start sending the first ``count`` bytes (default all) of the contiguous host
+        array ``buf`` to rank ``dest``; returns the request. Counted in ``bytes_sent``."""
+        count = buf.nbytes if count is None else count
+        self.bytes_sent += count
+        return self.comm.Isend([buf, count, MPI.BYTE], dest=dest, tag=tag)
+
+    def irecv(self, buf: np.ndarray, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG):
+        """Start receiving at most ``buf.nbytes`` bytes into the contiguous host array
+        ``buf`` from ``source`` (default: any); returns the request."""
+        return self.comm.Irecv([buf, buf.nbytes, MPI.BYTE], source=source, tag=tag)
+
+    def iprobe(self, source: int, tag: int) -> bool:
+        """Whether a message from ``source`` with ``tag`` is waiting to be received."""
+        return bool(self.comm.Iprobe(source=source, tag=tag))
+
     def collectively(self, fn, *args, **kwargs):
         """Run ``fn`` on every rank; if it raises UsageError on any rank, raise it on every
         rank (with the lowest failing rank's message), so that all ranks exit 2 together."""

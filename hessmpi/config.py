@@ -25,8 +25,8 @@ from hessmpi.errors import UsageError
 class Option:
     """One configuration key.
 
-    kind: "int", "float", "str", "bool", "int_list" or "table" (a TOML table: string keys,
-    values TOML strings, numbers, booleans, lists or tables).
+    kind: "int", "float", "str", "bool", "int_list", "float_list" or "table" (a TOML table:
+    string keys, values TOML strings, numbers, booleans, lists or tables).
     choices: allowed values of a "str" option; ``pattern``: (regular expression, what it
     means in words) of further allowed values.
     low: smallest allowed value of a number (inclusive unless ``low_open``).
@@ -68,7 +68,12 @@ def _either(*rules: dict) -> dict[str, tuple[dict[str, tuple], ...]]:
 
 SGD, SECANT, DEFLATED = "sgd", "secant", "deflated"
 HESSIAN_FREE, ENTROPY_SGD, ADAM = "hessian_free", "entropy_sgd", "adam"
+ASGD, DCASGD = "asgd", "dcasgd"
 QUASI_NEWTON = (SECANT, DEFLATED)
+#: The methods of the synchronous SPMD trainer, and those of the asynchronous parameter
+#: server (hessmpi.asynchronous: rank 0 serves the parameters, the other ranks push).
+SYNCHRONOUS = (SGD, SECANT, DEFLATED, HESSIAN_FREE, ENTROPY_SGD, ADAM)
+ASYNCHRONOUS = (ASGD, DCASGD)
 
 # ----- model plug-ins: model.name = "python:MODULE:FACTORY" or "torch:MODULE:FACTORY" -----
 PLUGIN_FAMILIES = ("python", "torch")
@@ -118,9 +123,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "name": Option("sgd", "str", "optimizer: data-parallel SGD, SGD accelerated by the "
                        "workers' secant pairs, the deflated variant that tracks the top "
                        "Hessian eigenspace (ALGORITHM.md s.1-2, 7), and the comparators "
-                       "distributed Hessian-free and Entropy-SGD (s.5), and Adam",
-                       choices=(SGD, SECANT, DEFLATED, HESSIAN_FREE, ENTROPY_SGD, ADAM),
-                       fixed=True),
+                       "distributed Hessian-free, Entropy-SGD and the asynchronous ASGD and "
+                       "DC-ASGD (s.5), and Adam",
+                       choices=(*SYNCHRONOUS, *ASYNCHRONOUS), fixed=True),
         "lr": Option(0.1, "float", "SGD learning rate eta", low=0.0, low_open=True),
         "momentum": Option(0.9, "float", "momentum (for secant: beta of the momentum on d; "
                            "for entropy_sgd: Nesterov's on the outer step; for adam: beta1)",
@@ -236,10 +241,32 @@ SCHEMA: dict[str, dict[str, Option]] = {
                                   "outer step", low=0.0, applies=_on(ENTROPY_SGD)),
         "entropy_alpha": Option(0.25, "float", "alpha of the running average mu of x'",
                                 low=0.0, low_open=True, high=1.0, applies=_on(ENTROPY_SGD)),
+        # --- asynchronous: a parameter server and workers (Zheng et al. 2017) ---
+        "dc_lambda": Option(2.0, "float", "lambda_0 of the delay compensation lambda g*g*(w - "
+                            "w_bak) (the paper: 2 adaptive, 0.04 constant)", low=0.0,
+                            applies=_on(DCASGD)),
+        "dc_adaptive": Option(True, "bool", "lambda_t = lambda_0 / sqrt(MeanSquare_t + eps), "
+                              "elementwise (DC-ASGD-a); false: the constant lambda_0 "
+                              "(DC-ASGD-c)", applies=_on(DCASGD), fixed=True),
+        "dc_decay": Option(0.95, "float", "m of MeanSquare_t = m MeanSquare_t-1 + (1 - m) g*g",
+                           low=0.0, high=0.999999, applies=_on(DCASGD, dc_adaptive=(True,))),
+        "dc_epsilon": Option(1e-7, "float", "eps of lambda_t", low=0.0, low_open=True,
+                             applies=_on(DCASGD, dc_adaptive=(True,))),
+        "async_timeout": Option(300.0, "float", "seconds the server waits for a worker's "
+                                "gradient before it ends the job (exit 1) naming the worker "
+                                "(0: never)", low=0.0, applies=_on(*ASYNCHRONOUS)),
+        "async_replay": Option([], "int_list", "test mode: the ranks of the workers in the "
+                               "order the server takes their gradients, repeated (the run is "
+                               "then deterministic); []: as they arrive",
+                               applies=_on(*ASYNCHRONOUS)),
+        "async_delay": Option([], "float_list", "emulated heterogeneous workers: seconds a "
+                              "worker sleeps after each gradient, one value for every worker "
+                              "or one per worker (ranks 1, 2, ...)", low=0.0,
+                              applies=_on(*ASYNCHRONOUS)),
         "exchange": Option("allgather", "str", "how pairs move between ranks",
                            choices=("allgather",), applies=_on(*QUASI_NEWTON)),
         "check_every": Option(100, "int", "steps between checks that all ranks hold identical "
-                              "parameters (0: never)", low=0),
+                              "parameters (0: never)", low=0, applies=_on(*SYNCHRONOUS)),
     },
     "train": {
         "steps": Option(1000, "int", "total optimizer steps", low=1, high=1e12),
@@ -289,13 +316,15 @@ def _allowed(opt: Option) -> str:
                 + (f", or {opt.pattern[1]}" if opt.pattern else ""))
     what = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
             "int_list": "a list of positive integers, e.g. [256, 256]",
+            "float_list": "a list of numbers",
             "table": "a table of TOML values, e.g. {width = 16}"}[opt.kind]
     bounds = []
     if opt.low is not None:
         bounds.append(f"{'>' if opt.low_open else '>='} {opt.low:g}")
     if opt.high is not None:
         bounds.append(f"<= {opt.high:g}")
-    return what + (" " + " and ".join(bounds) if bounds else "")
+    what += " " + " and ".join(bounds) if bounds else ""
+    return what + (", e.g. [0.0, 0.01]" if opt.kind == "float_list" else "")
 
 
 def _coerce(name: str, opt: Option, value: Any) -> Any:
@@ -319,6 +348,13 @@ def _coerce(name: str, opt: Option, value: Any) -> Any:
                 isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
             raise bad
         return list(value)
+    if opt.kind == "float_list":
+        if not isinstance(value, list):
+            raise bad
+        try:
+            return [_coerce(name, dataclasses.replace(opt, kind="float"), v) for v in value]
+        except UsageError:
+            raise bad from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad
     if opt.kind == "int":
@@ -499,7 +535,7 @@ def _check_combinations(cfg: dict) -> None:
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "int_list": list,
-          "table": dict}
+          "float_list": list, "table": dict}
 
 
 @functools.cache

@@ -21,3 +21,9 @@ class NonFiniteLoss(RunFailed):
     def __init__(self, value: float):
         super().__init__(f"the training loss is {value}")
         self.value = value
+
+
+class RankLost(RunFailed):
+    """A run that cannot end in order because a rank stopped answering (the asynchronous
+    server's timeout on a worker): reported, then every rank is ended with MPI_Abort.
+    Exit status 1."""

@@ -36,11 +36,15 @@ COLUMNS: dict[str, str] = {
     "curvature_evals": "f8",  # cumulative curvature products per rank (r of B rows: r / B)
     "cg_iters": "f8",      # hessian_free: CG iterations of the step (NaN for other methods)
     "hf_lambda": "f8",     # hessian_free: Levenberg-Marquardt lambda after the step (NaN else)
+    "staleness_mean": "f8",  # asgd/dcasgd: mean over the row's updates of the updates applied
+    "staleness_max": "f8",   # between the worker's fetch and its push, and the max (NaN else)
 }
 #: Columns added after the first release, with the value they hold in older files' rows.
-ADDED = {"curvature_evals": 0.0, "cg_iters": np.nan, "hf_lambda": np.nan}
-#: The columns an optimizer fills from its StepInfo.diagnostics (NaN where it does not).
-DIAGNOSTICS = ("cg_iters", "hf_lambda")
+ADDED = {"curvature_evals": 0.0, "cg_iters": np.nan, "hf_lambda": np.nan,
+         "staleness_mean": np.nan, "staleness_max": np.nan}
+#: The columns that only some methods fill (NaN in the others' rows): a synchronous
+#: optimizer's from its StepInfo.diagnostics, the asynchronous server the staleness.
+DIAGNOSTICS = ("cg_iters", "hf_lambda", "staleness_mean", "staleness_max")
 
 
 class MetricsFile:

@@ -4,14 +4,14 @@ as an aligned table, a CSV file, and a figure of the training curves.
 Columns: ``run``; ``method`` (optimizer and its key options); ``ranks``; ``batch`` (per rank);
 ``backend``; ``status`` (running, stopped, finished, failed; killed: marked running, but no
 process holds the run directory any more); ``steps`` (the last logged step); ``grad_evals``
-(per rank); ``final_loss`` and ``best_loss`` (the minibatch training objective of the logged
-rows); ``test_acc`` (the last evaluation); ``wall_s`` (training wall time);
-``fallback_rate`` (share of all steps that fell back to SGD); ``t_grad_ms``,
-``t_comm_ms``, ``t_solve_ms`` (medians over the logged rows of the per-step seconds in
-gradient evaluation, MPI collectives and the optimizer update). With a target,
-``to_loss_steps``/``to_loss_s`` (the first logged step, and its wall time, whose training
-loss is at or below ``--target-loss``) and ``to_acc_steps``/``to_acc_s`` (the first
-evaluation at or above ``--target-acc``); ``-`` where not reached.
+(per rank; asynchronous runs: over all workers); ``final_loss`` and ``best_loss`` (the
+minibatch training objective of the logged rows); ``test_acc`` (the last evaluation);
+``wall_s`` (training wall time); ``fallback_rate`` (share of all steps that fell back to
+SGD); ``t_grad_ms``, ``t_comm_ms``, ``t_solve_ms`` (medians over the logged rows of the
+per-step seconds in gradient evaluation, MPI collectives and the optimizer update). With a
+target, ``to_loss_steps``/``to_loss_s`` (the first logged step, and its wall time, whose
+training loss is at or below ``--target-loss``) and ``to_acc_steps``/``to_acc_s`` (the
+first evaluation at or above ``--target-acc``); ``-`` where not reached.
 """
 
 from __future__ import annotations
@@ -81,6 +81,10 @@ def method_label(cfg: dict) -> str:
         parts.append(f"ls={o.line_search}")
     if config_mod.applies(cfg, "optim", "newton_lr"):
         parts.append(f"a={o.newton_lr:g}")
+    if o.name == "dcasgd":
+        parts.append(f"lambda={o.dc_lambda:g} " + ("adaptive" if o.dc_adaptive else "constant"))
+    if config_mod.applies(cfg, "optim", "async_delay") and o.async_delay:
+        parts.append(f"delay={o.async_delay}")
     return " ".join([label, *parts])
 
 

@@ -80,6 +80,39 @@ def model_signature(cfg: dict, n_features: int, n_classes: int, n_params: int) -
                        cfg["backend"]["dtype"], "optim": o["name"]}, sort_keys=True)
 
 
+def run_attributes(cfg: dict, comm: Communicator, backend: Backend, n_params: int,
+                   dataset_source: str) -> dict:
+    """The root attributes a run (new or resumed) writes into its metrics.h5."""
+    return {
+        "hessmpi_version": __version__,
+        "config": config_mod.to_toml(cfg),
+        "mpi_size": comm.size,
+        "mpi_library": comm.library_version(),
+        "backend": backend.name,
+        "device": backend.device,
+        "mpi_device_path": comm.device_path if backend.name == "cupy" else "host",
+        "dtype": str(backend.dtype),
+        "blas_threads": backend.threads,
+        "host": socket.gethostname(),
+        "n_params": n_params,
+        "dataset_source": dataset_source,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def make_run(cfg: dict, comm: Communicator, backend: Backend, out: Path, *,
+             resume: tuple[dict, dict] | None = None):
+    """This rank's part of the run of ``cfg``: a :class:`Run` (the synchronous SPMD loop),
+    or for the asynchronous methods (``optim.name`` asgd, dcasgd) a
+    :class:`hessmpi.asynchronous.AsyncRun` (a parameter server and its workers). Either
+    has ``run()`` and ``stop_signal``."""
+    if cfg["optim"]["name"] in config_mod.ASYNCHRONOUS:
+        from hessmpi.asynchronous import AsyncRun
+
+        return AsyncRun(cfg, comm, backend, out, resume=resume)
+    return Run(cfg, comm, backend, out, resume=resume)
+
+
 class Training:
     """One rank's part of a training run, in memory: data shards, model, the distributed
     objective, the optimizer and its learning-rate schedule; it writes no file.
@@ -183,21 +216,7 @@ class Run(Training):
         self.metrics = None
         self.writer = BackgroundWriter(out, cfg["checkpoint"]["keep"])
         if comm.rank == 0:
-            attrs = {
-                "hessmpi_version": __version__,
-                "config": config_mod.to_toml(cfg),
-                "mpi_size": comm.size,
-                "mpi_library": comm.library_version(),
-                "backend": backend.name,
-                "device": backend.device,
-                "mpi_device_path": comm.device_path if backend.name == "cupy" else "host",
-                "dtype": str(backend.dtype),
-                "blas_threads": backend.threads,
-                "host": socket.gethostname(),
-                "n_params": self.model.n_params,
-                "dataset_source": train.source,
-                "started": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
+            attrs = run_attributes(cfg, comm, backend, self.model.n_params, train.source)
             path = out / "metrics.h5"
             self.metrics = (MetricsFile.reopen(path, self.start_step, attrs) if resume
                             else MetricsFile(path, attrs))

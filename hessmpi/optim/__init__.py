@@ -4,7 +4,9 @@
 step rule, a line search); ``deflated``: :class:`Deflated` (basis probes over the same
 memory and exchange); the comparators ``hessian_free``: :class:`HessianFree` and
 ``entropy_sgd``: :class:`EntropySGD`; the baseline ``adam``: :class:`Adam`. Every one follows
-:class:`~hessmpi.optim.base.Optimizer`.
+:class:`~hessmpi.optim.base.Optimizer`. The asynchronous methods ``asgd`` and ``dcasgd``
+have no synchronous step: their parameter server (:mod:`hessmpi.asynchronous`) applies
+each worker's push with :class:`~hessmpi.optim.dcasgd.DelayCompensation`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ def build_optimizer(opts, theta, objective, *, seed: int) -> Optimizer:
                    nesterov=opts.nesterov)
     if opts.name == "adam":
         return Adam(theta, beta1=opts.momentum, beta2=opts.adam_beta2, eps=opts.adam_eps)
+    if opts.name in ("asgd", "dcasgd"):
+        raise ValueError(f"optim.name = {opts.name!r} is asynchronous: it runs on a parameter "
+                         "server (hessmpi.trainer.make_run, hessmpi.asynchronous.AsyncRun), "
+                         "not as a synchronous step")
     if opts.name not in METHODS:
         raise ValueError(f"unknown optimizer {opts.name!r}")
     if getattr(METHODS[opts.name], "needs_curvature", False):

@@ -33,7 +33,8 @@ DOCUMENTED_DEFAULTS = {
     ("backend", "dtype"): "float32",
 }
 
-TYPES = {"int": int, "float": float, "str": str, "bool": bool, "int_list": list, "table": dict}
+TYPES = {"int": int, "float": float, "str": str, "bool": bool, "int_list": list,
+         "float_list": list, "table": dict}
 
 
 def test_defaults_hold_every_schema_key_with_its_type():
