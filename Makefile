@@ -71,7 +71,6 @@ bench: install
 	$(BIN)/python benchmarks/secant_step.py
 	$(BIN)/python benchmarks/checkpoint.py
 	$(BIN)/python benchmarks/convergence.py --quick
-	$(BIN)/python benchmarks/fullbatch_wall.py
 	$(BIN)/python benchmarks/robustness.py
 	$(BIN)/python benchmarks/cnn.py --part speed
 
