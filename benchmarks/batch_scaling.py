@@ -70,13 +70,13 @@ PROBLEMS = {
                             model={"name": "softmax", "l2": 1e-4},
                             targets={b: ["train loss", "test acc ref"]
                                      for b in FASHION_BATCHES},
-                            reference_steps=300, lr=(0.5, 0.5),
+                            reference_steps=150, lr=(0.5, 0.5),
                             budget={1024: 3000, 4096: 1200, 16384: 600}),
     "fashion-mlp": dict(FASHION, label="MLP 784-256-256-10 (ReLU), Fashion-MNIST (60,000)",
                         model={"name": "mlp", "hidden": [256, 256], "activation": "relu",
                                "l2": 1e-4},
                         targets={b: ["train loss", "test acc ref"] for b in FASHION_BATCHES},
-                        reference_steps=300, lr=(0.2, 0.25),
+                        reference_steps=150, lr=(0.2, 0.25),
                         budget={1024: 2400, 4096: 1000, 16384: 500}),
 }
 _QN = {"name": "secant", "line_search": "armijo", "newton_lr": 1.0, "momentum": 0.0,
