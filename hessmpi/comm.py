@@ -62,9 +62,10 @@ class Communicator:
         self.seconds = 0.0
         self._pinned: dict[tuple, np.ndarray] = {}
 
-    def _host_buffer(self, buf) -> np.ndarray:
-        """A pinned host array shaped like device array ``buf``, allocated once per shape."""
-        key = (buf.shape, buf.dtype.str)
+    def _host_buffer(self, buf, role: str = "") -> np.ndarray:
+        """A pinned host array shaped like device array ``buf``, allocated once per shape
+        (and ``role``: the send and receive buffers of one call are apart)."""
+        key = (buf.shape, buf.dtype.str, role)
         if key not in self._pinned:
             import cupy
 
@@ -89,6 +90,21 @@ class Communicator:
         op(host)
         buf.set(host)
 
+    def _on_buffers(self, op, send, recv) -> None:
+        """Apply MPI operation ``op(send, recv)`` to two buffers (device buffers staged
+        through pinned host copies unless the path is direct); on more than one rank."""
+        if not (_is_device(send) or _is_device(recv)):
+            op(send, recv)
+            return
+        _synchronize()
+        if self.device_path == "direct":
+            op(send, recv)
+            return
+        host_send, host_recv = self._host_buffer(send, "send"), self._host_buffer(recv, "recv")
+        send.get(out=host_send)
+        op(host_send, host_recv)
+        recv.set(host_recv)
+
     def _count(self, nbytes: int, started: float) -> None:
         if self.size > 1:
             self.bytes_sent += nbytes
@@ -106,6 +122,58 @@ class Communicator:
         t = time.perf_counter()
         self._on_buffer(lambda b: self.comm.Allgather(MPI.IN_PLACE, b), buf)
         self._count(buf.nbytes // self.size, t)
+
+    def reduce_scatter_(self, send, recv, counts) -> None:
+        """Sum ``send`` (n,) over the ranks; this rank receives its block of the sum into
+        ``recv`` (counts[rank],): the blocks are consecutive, in rank order, of counts[r]
+        entries each (MPI_Reduce_scatter)."""
+        t = time.perf_counter()
+        if self.size == 1:
+            if recv is not send:
+                recv[...] = send
+        else:
+            self._on_buffers(lambda s, r: self.comm.Reduce_scatter(s, r, list(counts),
+                                                                   op=MPI.SUM), send, recv)
+        self._count(send.nbytes, t)
+
+    def allgatherv_(self, buf, counts, displs) -> None:
+        """In place: ``buf`` (n,) contiguous; this rank's block is the counts[rank] entries
+        from displs[rank]; afterwards every rank holds every rank's block."""
+        t = time.perf_counter()
+        self._on_buffer(lambda b: self.comm.Allgatherv(
+            MPI.IN_PLACE, [b, (list(counts), list(displs))]), buf)
+        self._count(counts[self.rank] * buf.itemsize, t)
+
+    def alltoallv_(self, send, send_counts, send_displs, recv, recv_counts, recv_displs
+                   ) -> None:
+        """Every rank sends ``send``'s send_counts[j] entries from send_displs[j] to rank j
+        and receives rank j's into ``recv`` at recv_displs[j] (recv_counts[j] entries); both
+        one-dimensional and contiguous (MPI_Alltoallv)."""
+        t = time.perf_counter()
+        if self.size == 1:
+            a, b = send_displs[0], recv_displs[0]
+            recv[b:b + recv_counts[0]] = send[a:a + send_counts[0]]
+        else:
+            self._on_buffers(lambda s, r: self.comm.Alltoallv(
+                [s, (list(send_counts), list(send_displs))],
+                [r, (list(recv_counts), list(recv_displs))]), send, recv)
+        mine = send_counts[self.rank] if self.size > 1 else send_counts[0]
+        self._count((sum(send_counts) - mine) * send.itemsize, t)
+
+    def gatherv_root(self, send: np.ndarray, counts, root: int = 0) -> np.ndarray | None:
+        """Host array ``send`` (counts[rank] entries) of every rank, concatenated in rank
+        order on ``root`` (a new array); None elsewhere."""
+        t = time.perf_counter()
+        send = np.ascontiguousarray(send).reshape(-1)
+        out = np.empty(sum(counts), dtype=send.dtype) if self.rank == root else None
+        if self.size == 1:
+            out[...] = send
+        else:
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+            self.comm.Gatherv(send, [out, (list(counts), displs)] if out is not None
+                              else None, root=root)
+        self._count(send.nbytes if self.rank != root else 0, t)
+        return out
 
     def bcast_(self, buf, root: int = 0) -> None:
         """Overwrite ``buf`` on every rank with root's ``buf``."""

@@ -208,8 +208,11 @@ SCHEMA: dict[str, dict[str, Option]] = {
                                   "outer step", low=0.0, applies=_on(ENTROPY_SGD)),
         "entropy_alpha": Option(0.25, "float", "alpha of the running average mu of x'",
                                 low=0.0, low_open=True, high=1.0, applies=_on(ENTROPY_SGD)),
-        "exchange": Option("allgather", "str", "how pairs move between ranks",
-                           choices=("allgather",), applies=_on(*QUASI_NEWTON)),
+        "exchange": Option("allgather", "str", "how the optimizer's state is laid out and "
+                           "pairs move: allgather (every rank holds it whole) or sharded "
+                           "(each rank holds 1/P of every n-vector: ALGORITHM.md s.4); not "
+                           "for hessian_free, entropy_sgd or adam",
+                           choices=("allgather", "sharded"), applies=_on(SGD, *QUASI_NEWTON)),
         "check_every": Option(100, "int", "steps between checks that all ranks hold identical "
                               "parameters (0: never)", low=0),
     },

@@ -207,13 +207,14 @@ class Run(Training):
         """(arrays, attrs) of a checkpoint after ``step`` steps on rank 0, None elsewhere;
         a collective (every rank's sampler position)."""
         samplers = self.comm.allgather((self.sampler.epoch, self.sampler.position))
+        optim_state = self.optimizer.state()   # sharded: gathers the parts on rank 0
         if self.comm.rank != 0:
             return None
         def host(a):  # a copy the background writer may keep while training goes on
             return np.array(self.backend.to_host(a), copy=True)
 
         arrays = {"params": host(self.theta), "sampler": np.array(samplers, dtype=np.int64)}
-        arrays.update({f"optim/{k}": host(v) for k, v in self.optimizer.state().items()})
+        arrays.update({f"optim/{k}": host(v) for k, v in optim_state.items()})
         arrays.update({f"objective/{k}": host(v) for k, v in self.objective.state().items()})
         attrs = {"step": step, "epoch": self.sampler.epochs_done,
                  **self.objective.counters(), "wall_time": wall,
@@ -363,7 +364,7 @@ class Run(Training):
                     "forward_evals": self.objective.forward_evals,
                     "curvature_evals": self.objective.curvature_evals,
                     **{k: info.diagnostics.get(k, math.nan) for k in DIAGNOSTICS},
-                    "grad_norm": float(self.backend.xp.linalg.norm(self.objective.grad)),
+                    "grad_norm": self.objective.grad_norm(),
                     "step_norm": self.optimizer.last_step_norm, "fallback": info.fallback,
                     "rank_kept": info.rank_kept, "t_grad": interval.mean("t_grad"),
                     "t_comm": interval.mean("t_comm"), "t_solve": interval.mean("t_solve"),

@@ -13,6 +13,7 @@ from hessmpi.optim.adam import Adam
 from hessmpi.optim.base import Optimizer, StepInfo
 from hessmpi.optim.deflated import Deflated
 from hessmpi.optim.entropy_sgd import EntropySGD
+from hessmpi.optim.exchange import exchange_for
 from hessmpi.optim.hessian_free import HessianFree
 from hessmpi.optim.secant import Secant
 from hessmpi.optim.sgd import SGD
@@ -31,7 +32,8 @@ def build_optimizer(opts, theta, objective, *, seed: int) -> Optimizer:
     random in it (probes, the first basis)."""
     if opts.name == "sgd":
         return SGD(theta, momentum=opts.momentum, weight_decay=opts.weight_decay,
-                   nesterov=opts.nesterov)
+                   nesterov=opts.nesterov,
+                   exchange=exchange_for(opts, objective, theta.shape[0]))
     if opts.name == "adam":
         return Adam(theta, beta1=opts.momentum, beta2=opts.adam_beta2, eps=opts.adam_eps)
     if opts.name not in METHODS:
