@@ -162,6 +162,7 @@ def _train(args) -> int:
         if backend.name == "cupy" and len(set(gpus)) < len(gpus) and not bcfg["share_gpus"]:
             raise UsageError(f"{len(gpus)} ranks share {len(set(gpus))} GPU(s): start one "
                              "rank per GPU, or set backend.share_gpus = true")
+        comm.intranode = bcfg["intranode"]
         if backend.name == "cupy":
             path = bcfg["mpi_device_path"]
             comm.device_path = (("direct" if cuda_aware_mpi() else "staged") if path == "auto"

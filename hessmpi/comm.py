@@ -6,6 +6,11 @@ strings) with the lowercase pickling calls. Device (GPU) buffers, recognised by 
 ``__cuda_array_interface__``, go to MPI directly when the library is CUDA-aware
 (``device_path = "direct"``), otherwise through preallocated pinned host buffers
 (``"staged"``); the CUDA stream is synchronised before every call either way.
+
+The gradient's buffer may live in a shared-memory window of the node's ranks
+(:meth:`Communicator.gradient_buffer`, :mod:`hessmpi.nodewindow`): its Allreduce, and its
+reduce-scatter on one node, then run through the window instead of MPI's collectives
+(``intranode = "auto"``, the default; ``"mpi"``: never).
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ from __future__ import annotations
 import ctypes
 import sys
 import time
+import weakref
 
 import numpy as np
 from mpi4py import MPI
 
 from hessmpi.errors import UsageError
+from hessmpi.nodewindow import MIN_BYTES, NodeWindow, node_communicators
 
 
 def cuda_aware_mpi() -> bool:
@@ -49,18 +56,100 @@ def _synchronize() -> None:
 class Communicator:
     """rank, size: of the wrapped communicator. bytes_sent: payload bytes this rank has handed
     to buffer collectives (0 on one rank). seconds: wall time spent inside them (staging
-    copies included). device_path: "direct" or "staged", for device buffers."""
+    copies included). device_path: "direct" or "staged", for device buffers. intranode:
+    "auto" (gradient buffers in a shared-memory window where it applies) or "mpi".
+    nodes: a communicator of the ranks that share memory with this one (default: MPI's
+    shared-memory split; a test may emulate nodes with any split)."""
 
-    def __init__(self, comm: MPI.Comm = MPI.COMM_WORLD, *, device_path: str = "staged"):
+    def __init__(self, comm: MPI.Comm = MPI.COMM_WORLD, *, device_path: str = "staged",
+                 intranode: str = "auto", nodes: MPI.Comm | None = None):
         if device_path not in ("direct", "staged"):
             raise ValueError(f"device_path must be 'direct' or 'staged', not {device_path!r}")
+        if intranode not in ("auto", "mpi"):
+            raise ValueError(f"intranode must be 'auto' or 'mpi', not {intranode!r}")
         self.comm = comm.Dup()
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.device_path = device_path
+        self.intranode = intranode
         self.bytes_sent = 0
         self.seconds = 0.0
         self._pinned: dict[tuple, np.ndarray] = {}
+        self._nodes = nodes
+        self._layout = None       # (node, cross, equal node sizes), made on first use
+        self._windows: dict[tuple, NodeWindow | None] = {}
+        self.window_note = ""     # why no window serves the gradient, if none does
+
+    # ----- the intra-node fast path ----------------------------------------------------------
+    def gradient_buffer(self, count: int, dtype, xp, release=None):
+        """A zeroed buffer (count,) for a gradient and the scalars reduced with it: this
+        rank's segment of a shared-memory window of the node's ranks where the fast path
+        applies (``intranode = "auto"``, more than one rank, a host array of at least
+        nodewindow.MIN_BYTES, the window available), else a plain array of ``xp``. A
+        collective: every rank calls it alike. A window serves one buffer of its size at a
+        time: a later call calls the earlier buffer's ``release()``, after which its owner
+        must hold a private copy (:meth:`~hessmpi.objective.Objective` does)."""
+        nbytes = count * np.dtype(dtype).itemsize
+        if (self.size == 1 or self.intranode != "auto" or xp.__name__ != "numpy"
+                or nbytes < MIN_BYTES):
+            return xp.zeros(count, dtype=dtype)
+        win = self._window(count, dtype)
+        if win is None:
+            return xp.zeros(count, dtype=dtype)
+        holder = win.holder() if win.holder is not None else None
+        if holder is not None:
+            holder()
+        win.holder = weakref.WeakMethod(release) if release is not None else None
+        win.mine[...] = 0
+        return win.mine
+
+    def _window(self, count: int, dtype) -> NodeWindow | None:
+        """The window of ``count`` entries of ``dtype`` per rank (made once, collectively),
+        or None where it is unavailable (``window_note`` says why)."""
+        key = (count, np.dtype(dtype).str)
+        if key in self._windows:
+            return self._windows[key]
+        if self._layout is None:
+            self._layout = node_communicators(self.comm, self._nodes)
+        node, cross, equal = self._layout
+        win, reason = None, ""
+        if not equal:
+            reason = "nodes with different numbers of ranks"
+        else:
+            try:
+                win = NodeWindow(node, cross, count, dtype)
+            except MPI.Exception as e:
+                reason = f"MPI_Win_allocate_shared failed: {e.Get_error_string()}"
+        if not self.comm.allreduce(win is not None, op=MPI.LAND):
+            if win is not None:
+                win.free()
+            win = None
+            reason = reason or "unavailable on another rank"
+        self.window_note = reason
+        self._windows[key] = win
+        return win
+
+    def _window_of(self, buf) -> NodeWindow | None:
+        for win in self._windows.values():
+            if win is not None and win.contains(buf):
+                return win
+        return None
+
+    def gradient_path(self, buf, sharded: bool = False) -> str:
+        """How the gradient in ``buf`` is reduced, in words (for the results file)."""
+        op = "Reduce_scatter" if sharded else "Allreduce"
+        win = self._window_of(buf) if self.size > 1 else None
+        if self.size == 1:
+            return "none (one rank)"
+        if win is None:
+            note = f"; no shared-memory window: {self.window_note}" if self.window_note else ""
+            return f"MPI_{op}{note}"
+        if sharded and (win.cross is not None or win.node.size != self.size):
+            return "MPI_Reduce_scatter (shared-memory window only on one node)"
+        nodes = self.size // win.node.size
+        return (f"shared-memory window ({win.node.size} ranks per node)" +
+                (f", MPI_Allreduce of 1/{win.node.size} between {nodes} nodes" if nodes > 1
+                 else ""))
 
     def _host_buffer(self, buf, role: str = "") -> np.ndarray:
         """A pinned host array shaped like device array ``buf``, allocated once per shape
@@ -111,9 +200,14 @@ class Communicator:
         self.seconds += time.perf_counter() - started
 
     def allreduce_sum_(self, buf) -> None:
-        """Sum ``buf`` (a contiguous array) over all ranks, in place."""
+        """Sum ``buf`` (a contiguous array) over all ranks, in place (through the node's
+        shared-memory window if ``buf`` is a gradient buffer there)."""
         t = time.perf_counter()
-        self._on_buffer(lambda b: self.comm.Allreduce(MPI.IN_PLACE, b, op=MPI.SUM), buf)
+        win = self._window_of(buf) if self._windows and self.size > 1 else None
+        if win is not None:
+            win.allreduce_(buf.size)
+        else:
+            self._on_buffer(lambda b: self.comm.Allreduce(MPI.IN_PLACE, b, op=MPI.SUM), buf)
         self._count(buf.nbytes, t)
 
     def allgather_(self, buf) -> None:
@@ -128,9 +222,13 @@ class Communicator:
         ``recv`` (counts[rank],): the blocks are consecutive, in rank order, of counts[r]
         entries each (MPI_Reduce_scatter)."""
         t = time.perf_counter()
+        win = self._window_of(send) if self._windows and self.size > 1 else None
         if self.size == 1:
             if recv is not send:
                 recv[...] = send
+        elif win is not None and win.cross is None and win.node.size == self.size:
+            lo = sum(counts[:self.rank])
+            win.reduce_scatter_(lo, lo + counts[self.rank], recv)
         else:
             self._on_buffers(lambda s, r: self.comm.Reduce_scatter(s, r, list(counts),
                                                                    op=MPI.SUM), send, recv)

@@ -31,7 +31,7 @@ from hessmpi.errors import NonFiniteLoss, RunFailed, RunStopped, UsageError
 from hessmpi.metrics import DIAGNOSTICS, MetricsFile
 from hessmpi.models import build_model
 from hessmpi.objective import Objective
-from hessmpi.optim import StepInfo, build_optimizer
+from hessmpi.optim import StepInfo, build_optimizer, state_bytes
 from hessmpi.optim.schedule import Schedule
 from hessmpi.progress import Progress
 from hessmpi.watch import Watch
@@ -182,6 +182,7 @@ class Run(Training):
                                  f"--set train.steps=N with N > {self.start_step}")
         self.metrics = None
         self.writer = BackgroundWriter(out, cfg["checkpoint"]["keep"])
+        held = comm.max(state_bytes(self.optimizer))   # the largest part's rank
         if comm.rank == 0:
             attrs = {
                 "hessmpi_version": __version__,
@@ -195,6 +196,9 @@ class Run(Training):
                 "blas_threads": backend.threads,
                 "host": socket.gethostname(),
                 "n_params": self.model.n_params,
+                "exchange": self.objective.exchange.name,
+                "state_bytes_per_rank": held,
+                "gradient_collective": self.objective.gradient_collective,
                 "dataset_source": train.source,
                 "started": datetime.now(UTC).isoformat(timespec="seconds"),
             }

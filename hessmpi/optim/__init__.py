@@ -10,7 +10,7 @@ memory and exchange); the comparators ``hessian_free``: :class:`HessianFree` and
 from __future__ import annotations
 
 from hessmpi.optim.adam import Adam
-from hessmpi.optim.base import Optimizer, StepInfo
+from hessmpi.optim.base import Optimizer, StepInfo, state_bytes
 from hessmpi.optim.deflated import Deflated
 from hessmpi.optim.entropy_sgd import EntropySGD
 from hessmpi.optim.exchange import exchange_for
@@ -19,7 +19,7 @@ from hessmpi.optim.secant import Secant
 from hessmpi.optim.sgd import SGD
 
 __all__ = ["SGD", "Adam", "Deflated", "EntropySGD", "HessianFree", "Optimizer", "Secant",
-           "StepInfo", "build_optimizer"]
+           "StepInfo", "build_optimizer", "state_bytes"]
 
 #: The optimizers by ``optim.name`` (SGD is built from its options alone).
 METHODS = {"secant": Secant, "deflated": Deflated, "hessian_free": HessianFree,
