@@ -240,7 +240,7 @@ class Communicator:
         t = time.perf_counter()
         self._on_buffer(lambda b: self.comm.Allgatherv(
             MPI.IN_PLACE, [b, (list(counts), list(displs))]), buf)
-        self._count(counts[self.rank] * buf.itemsize, t)
+        self._count(counts[self.rank] * buf.dtype.itemsize, t)
 
     def alltoallv_(self, send, send_counts, send_displs, recv, recv_counts, recv_displs
                    ) -> None:
@@ -256,7 +256,7 @@ class Communicator:
                 [s, (list(send_counts), list(send_displs))],
                 [r, (list(recv_counts), list(recv_displs))]), send, recv)
         mine = send_counts[self.rank] if self.size > 1 else send_counts[0]
-        self._count((sum(send_counts) - mine) * send.itemsize, t)
+        self._count((sum(send_counts) - mine) * send.dtype.itemsize, t)
 
     def gatherv_root(self, send: np.ndarray, counts, root: int = 0) -> np.ndarray | None:
         """Host array ``send`` (counts[rank] entries) of every rank, concatenated in rank

@@ -1,0 +1,245 @@
+"""The communicator's collectives of the sharded exchange (reduce-scatter, in-place Allgatherv,
+Alltoallv, the gather of a checkpoint) and the shared-memory window of the gradient, on P
+ranks, against closed forms of rank-dependent inputs and against MPI's own Allreduce.
+
+Uneven block sizes (n not divisible by P) are the case to get wrong; float32 values stay
+small integers so that sums are exact and the closed forms bitwise. Every verdict is
+collective (mpicheck)."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+from mpicheck import assert_all, assert_identical, check_all
+
+from hessmpi.comm import Communicator
+from hessmpi.nodewindow import MIN_BYTES
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def blocks(n: int, P: int) -> list[int]:
+    """Block sizes that differ (and one empty) whenever P > 1: n = 7 -> 0, 3, 4 on 3 ranks."""
+    sizes = [n * (r + 1) // (P * (P + 1) // 2) for r in range(P)]
+    sizes[-1] += n - sum(sizes)
+    return sizes
+
+
+def values(rank: int, n: int, dtype=np.float64) -> np.ndarray:
+    """Rank-dependent small integers: (rank + 1) * (i % 17) + rank."""
+    return ((rank + 1) * (np.arange(n) % 17) + rank).astype(dtype)
+
+
+def summed(P: int, n: int, dtype=np.float64) -> np.ndarray:
+    """Sum over ranks of :func:`values`: (i % 17) P(P+1)/2 + P(P-1)/2."""
+    return ((np.arange(n) % 17) * (P * (P + 1) // 2) + P * (P - 1) // 2).astype(dtype)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("n", [7, 40_001])
+def test_reduce_scatter_gives_each_rank_its_block_of_the_sum(comm, n):
+    P, r = comm.size, comm.rank
+    counts = blocks(n, P)
+    lo = sum(counts[:r])
+    out = np.full(counts[r], -1.0)
+    before = comm.bytes_sent
+    comm.reduce_scatter_(values(r, n), out, counts)
+
+    def check():
+        np.testing.assert_array_equal(out, summed(P, n)[lo:lo + counts[r]])
+        assert comm.bytes_sent - before == n * 8
+
+    check_all(comm, check)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_allgatherv_in_place_fills_in_every_other_block(comm, dtype):
+    P, r, n = comm.size, comm.rank, 1001
+    counts = blocks(n, P)
+    displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+    buf = np.full(n, np.nan, dtype=dtype)
+    buf[displs[r]:displs[r] + counts[r]] = np.arange(n, dtype=dtype)[
+        displs[r]:displs[r] + counts[r]]
+    comm.allgatherv_(buf, counts, displs)
+    check_all(comm, lambda: np.testing.assert_array_equal(buf, np.arange(n, dtype=dtype)))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_alltoallv_moves_block_j_to_rank_j(comm):
+    """Rank r sends part j of its row (entries of value 100 r + j) to rank j, who stores the
+    parts at strided places, as the pair exchange does with a ring slot."""
+    P, r, n = comm.size, comm.rank, 23
+    counts = blocks(n, P)
+    displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+    row = np.concatenate([np.full(c, 100.0 * r + j) for j, c in enumerate(counts)])
+    mine = counts[r]
+    recv = np.full(2 * P * mine, np.nan)
+    comm.alltoallv_(row, counts, displs, recv, [mine] * P, [2 * q * mine for q in range(P)])
+
+    def check():
+        for q in range(P):
+            np.testing.assert_array_equal(recv[2 * q * mine:(2 * q + 1) * mine],
+                                          np.full(mine, 100.0 * q + r))
+        assert np.isnan(recv[mine:2 * mine]).all()   # the places nothing was sent to
+
+    check_all(comm, check)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_gatherv_root_concatenates_in_rank_order_on_root_only(comm):
+    P, r = comm.size, comm.rank
+    counts = blocks(11, P)
+    got = comm.gatherv_root(np.full(counts[r], float(r)), counts)
+    want = np.concatenate([np.full(c, float(q)) for q, c in enumerate(counts)])
+    ok = (got is None) if r != 0 else (got is not None and np.array_equal(got, want))
+    assert_all(comm, ok, f"got {got}")
+
+
+# ----- the shared-memory window of the gradient -----------------------------------------------
+N_WINDOW = MIN_BYTES // 8 + 3          # float64 entries: just over the threshold
+
+
+@pytest.fixture
+def emulated(request):
+    """A Communicator over COMM_WORLD whose "nodes" are the split given by the test's
+    parameter (rank -> colour), freed after the test."""
+    colour = request.param
+    world = MPI.COMM_WORLD
+    nodes = world.Split(color=colour(world.rank, world.size), key=world.rank)
+    c = Communicator(world, nodes=nodes)
+    yield c
+    c.comm.Free()
+    nodes.Free()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_window_allreduce_equals_mpi_allreduce(comm, dtype):
+    """On this machine's node: the gradient buffer is in the window, its Allreduce equals
+    the closed form and MPI's own Allreduce of the same data (bitwise on two ranks, where
+    the sum has one order), identical on every rank."""
+    P, r, n = comm.size, comm.rank, MIN_BYTES // np.dtype(dtype).itemsize + 5
+    buf = comm.gradient_buffer(n, dtype, np)
+    path = comm.gradient_path(buf)
+    buf[...] = values(r, n, dtype)
+    comm.allreduce_sum_(buf)
+    plain = values(r, n, dtype)
+    comm.comm.Allreduce(MPI.IN_PLACE, plain, op=MPI.SUM)
+    assert_all(comm, path.startswith("shared-memory window"), path)
+    check_all(comm, lambda: np.testing.assert_array_equal(buf, summed(P, n, dtype)))
+    if P == 2:
+        check_all(comm, lambda: np.testing.assert_array_equal(buf, plain))
+    assert_identical(comm, reduced=np.array(buf))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_window_allreduce_of_rounded_values_is_identical_on_every_rank(comm):
+    """Random floats (inexact sums): every rank ends with the same bits, close to the sum."""
+    P, r, n = comm.size, comm.rank, N_WINDOW
+    buf = comm.gradient_buffer(n, np.float64, np)
+    buf[...] = np.random.default_rng([4, r]).standard_normal(n)
+    want = sum(np.random.default_rng([4, q]).standard_normal(n) for q in range(P))
+    comm.allreduce_sum_(buf)
+    check_all(comm, lambda: np.testing.assert_allclose(buf, want, rtol=1e-13, atol=1e-13))
+    assert_identical(comm, reduced=np.array(buf))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_window_reduce_scatter_on_one_node(comm):
+    P, r, n = comm.size, comm.rank, N_WINDOW
+    counts = blocks(n, P)
+    lo = sum(counts[:r])
+    buf = comm.gradient_buffer(n + 2, np.float64, np)
+    buf[:n] = values(r, n)
+    out = np.zeros(counts[r])
+    comm.reduce_scatter_(buf[:n], out, counts)
+    path = comm.gradient_path(buf, sharded=True)
+    assert_all(comm, path.startswith("shared-memory window"), path)
+    check_all(comm, lambda: np.testing.assert_array_equal(out, summed(P, n)[lo:lo + counts[r]]))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("emulated", [lambda rank, size: rank], indirect=True)
+def test_two_level_allreduce_across_emulated_nodes(comm, emulated):
+    """Every rank its own "node" (as many ranks on each): the window's reduction in the node,
+    then MPI_Allreduce between the nodes; the sum is the closed form, on every rank. The
+    sharded reduce-scatter is MPI's own there (the window only serves one node)."""
+    P, r, n = comm.size, comm.rank, N_WINDOW
+    buf = emulated.gradient_buffer(n, np.float64, np)
+    buf[...] = values(r, n)
+    emulated.allreduce_sum_(buf)
+    path, rs_path = emulated.gradient_path(buf), emulated.gradient_path(buf, sharded=True)
+    assert_all(comm, f"between {P} nodes" in path, path)
+    assert_all(comm, rs_path.startswith("MPI_Reduce_scatter"), rs_path)
+    check_all(comm, lambda: np.testing.assert_array_equal(buf, summed(P, n)))
+    counts = blocks(n, P)
+    lo = sum(counts[:r])
+    buf[...] = values(r, n)
+    out = np.zeros(counts[r])
+    emulated.reduce_scatter_(buf, out, counts)
+    check_all(comm, lambda: np.testing.assert_array_equal(out, summed(P, n)[lo:lo + counts[r]]))
+
+
+@pytest.mark.mpi(min_size=3)
+@pytest.mark.parametrize("emulated", [lambda rank, size: int(rank == size - 1)],
+                         indirect=True)
+def test_unequal_nodes_fall_back_to_mpi(comm, emulated):
+    """Nodes of P - 1 and 1 ranks: no two-level scheme fits, the buffer is a plain array
+    and MPI reduces it; the results file would say why."""
+    P, r, n = comm.size, comm.rank, N_WINDOW
+    buf = emulated.gradient_buffer(n, np.float64, np)
+    path = emulated.gradient_path(buf)
+    buf[...] = values(r, n)
+    emulated.allreduce_sum_(buf)
+    assert_all(comm, path.startswith("MPI_Allreduce") and "different numbers" in path, path)
+    check_all(comm, lambda: np.testing.assert_array_equal(buf, summed(P, n)))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_no_window_when_turned_off_small_or_alone(comm, solo):
+    off = Communicator(MPI.COMM_WORLD, intranode="mpi")
+    try:
+        paths = [off.gradient_path(off.gradient_buffer(N_WINDOW, np.float64, np)),
+                 comm.gradient_path(comm.gradient_buffer(100, np.float64, np)),
+                 solo.gradient_path(solo.gradient_buffer(N_WINDOW, np.float64, np))]
+    finally:
+        off.comm.Free()
+    ok = paths[:2] == ["MPI_Allreduce"] * 2 and paths[2] == "none (one rank)"
+    assert_all(comm, ok, f"{paths}")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_later_buffer_takes_the_window_and_the_earlier_owner_goes_private(comm):
+    """Two objectives of one size: the window serves the newer; the older is told (its
+    release callback) and, holding a private copy, still reduces correctly through MPI."""
+
+    class Owner:
+        def __init__(self):
+            self.buf = comm.gradient_buffer(N_WINDOW, np.float64, np, self.release)
+            self.released = 0
+
+        def release(self):
+            self.released += 1
+            self.buf = self.buf.copy()
+
+    P, r, n = comm.size, comm.rank, N_WINDOW
+    first = Owner()
+    first.buf[...] = values(r, n)
+    second = Owner()
+    kept = np.array_equal(first.buf, values(r, n))
+    second.buf[...] = 2 * values(r, n)
+    comm.allreduce_sum_(first.buf)
+    comm.allreduce_sum_(second.buf)
+    paths = (comm.gradient_path(first.buf), comm.gradient_path(second.buf))
+    assert_all(comm, (first.released, second.released, kept) == (1, 0, True),
+               f"released {first.released}, {second.released}; data kept {kept}")
+    assert_all(comm, paths[0] == "MPI_Allreduce" and paths[1].startswith("shared-memory"),
+               f"{paths}")
+    check_all(comm, lambda: (np.testing.assert_array_equal(first.buf, summed(P, n)),
+                             np.testing.assert_array_equal(second.buf, 2 * summed(P, n))))
+    del first, second
+    gc.collect()
