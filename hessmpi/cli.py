@@ -114,7 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     for q in (dg, dm, ds):
         q.add_argument("--out", type=Path, required=True, help="dataset file to write")
 
-    sub.add_parser("info", help="versions, MPI library, BLAS, GPU")
+    i = sub.add_parser("info", help="versions, MPI library, BLAS, GPU; with RUN, how that run "
+                       "was laid out over its ranks")
+    i.add_argument("run", nargs="?", type=Path, metavar="RUN",
+                   help="a run directory: also its exchange, optimizer state bytes per rank "
+                        "and gradient collective (from RUN/metrics.h5)")
     return p
 
 
@@ -332,9 +336,11 @@ def _data(args) -> int:
 
 
 def _info(args) -> int:
-    from hessmpi.info import describe
+    from hessmpi.info import describe, describe_run
 
     print(describe())
+    if args.run is not None:
+        print(describe_run(args.run))
     return 0
 
 
