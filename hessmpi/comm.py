@@ -16,6 +16,7 @@ reduce-scatter on one node, then run through the window instead of MPI's collect
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
 import time
 import weakref
@@ -40,6 +41,11 @@ def cuda_aware_mpi() -> bool:
         if query is not None:
             return bool(query())
     return False
+
+
+def _keep():
+    """The owner of a window handed out without one: never gone."""
+    return True
 
 
 def _is_device(buf) -> bool:
@@ -77,44 +83,52 @@ class Communicator:
         self._pinned: dict[tuple, np.ndarray] = {}
         self._nodes = nodes
         self._layout = None       # (node, cross, equal node sizes), made on first use
-        self._windows: dict[tuple, NodeWindow | None] = {}
+        self._windows: dict[tuple, list[NodeWindow]] = {}   # by (count, dtype)
+        self._window_failed = False
         self.window_note = ""     # why no window serves the gradient, if none does
 
     # ----- the intra-node fast path ----------------------------------------------------------
-    def gradient_buffer(self, count: int, dtype, xp, release=None):
+    def gradient_buffer(self, count: int, dtype, xp, owner=None):
         """A zeroed buffer (count,) for a gradient and the scalars reduced with it: this
         rank's segment of a shared-memory window of the node's ranks where the fast path
         applies (``intranode = "auto"``, more than one rank, a host array of at least
         nodewindow.MIN_BYTES, the window available), else a plain array of ``xp``. A
-        collective: every rank calls it alike. A window serves one buffer of its size at a
-        time: a later call calls the earlier buffer's ``release()``, after which its owner
-        must hold a private copy (:meth:`~hessmpi.objective.Objective` does)."""
+        collective: every rank calls it alike. The window is ``owner``'s while ``owner``
+        lives (without one, for good); a window whose owner is gone on every rank serves
+        the next request of its size, so windows are allocated only for buffers alive at
+        once."""
         nbytes = count * np.dtype(dtype).itemsize
         if (self.size == 1 or self.intranode != "auto" or xp.__name__ != "numpy"
                 or nbytes < MIN_BYTES):
             return xp.zeros(count, dtype=dtype)
-        win = self._window(count, dtype)
+        win = self._free_window(count, dtype)
         if win is None:
             return xp.zeros(count, dtype=dtype)
-        holder = win.holder() if win.holder is not None else None
-        if holder is not None:
-            holder()
-        win.holder = weakref.WeakMethod(release) if release is not None else None
+        win.owner = _keep if owner is None else weakref.ref(owner)
         win.mine[...] = 0
         return win.mine
 
-    def _window(self, count: int, dtype) -> NodeWindow | None:
-        """The window of ``count`` entries of ``dtype`` per rank (made once, collectively),
-        or None where it is unavailable (``window_note`` says why)."""
+    def _free_window(self, count: int, dtype) -> NodeWindow | None:
+        """A window of ``count`` entries of ``dtype`` per rank whose owner is gone on every
+        rank, else a new one (made collectively); None where none can be made
+        (``window_note`` says why). Every rank takes the same decision."""
         key = (count, np.dtype(dtype).str)
-        if key in self._windows:
-            return self._windows[key]
+        pool = self._windows.setdefault(key, [])
+        if pool:
+            gc.collect()        # an owner in a reference cycle is gone only after this
+            free = np.array([w.owner() is None for w in pool], dtype=np.int32)
+            self.comm.Allreduce(MPI.IN_PLACE, free, op=MPI.MIN)
+            for win, ok in zip(pool, free, strict=True):
+                if ok:
+                    return win
         if self._layout is None:
             self._layout = node_communicators(self.comm, self._nodes)
         node, cross, equal = self._layout
         win, reason = None, ""
         if not equal:
             reason = "nodes with different numbers of ranks"
+        elif self._window_failed:
+            reason = self.window_note
         else:
             try:
                 win = NodeWindow(node, cross, count, dtype)
@@ -125,14 +139,17 @@ class Communicator:
                 win.free()
             win = None
             reason = reason or "unavailable on another rank"
+            self._window_failed = True
         self.window_note = reason
-        self._windows[key] = win
+        if win is not None:
+            pool.append(win)
         return win
 
     def _window_of(self, buf) -> NodeWindow | None:
-        for win in self._windows.values():
-            if win is not None and win.contains(buf):
-                return win
+        for pool in self._windows.values():
+            for win in pool:
+                if win.contains(buf):
+                    return win
         return None
 
     def gradient_path(self, buf, sharded: bool = False) -> str:
@@ -217,22 +234,30 @@ class Communicator:
         self._on_buffer(lambda b: self.comm.Allgather(MPI.IN_PLACE, b), buf)
         self._count(buf.nbytes // self.size, t)
 
-    def reduce_scatter_(self, send, recv, counts) -> None:
+    def reduce_scatter_(self, send, recv, counts, tail=None) -> None:
         """Sum ``send`` (n,) over the ranks; this rank receives its block of the sum into
         ``recv`` (counts[rank],): the blocks are consecutive, in rank order, of counts[r]
-        entries each (MPI_Reduce_scatter)."""
+        entries each (MPI_Reduce_scatter). ``tail``: a few entries right after ``send`` in
+        its buffer (scalars such as a loss), summed whole on every rank in place: in the
+        same pass through the shared-memory window, else by one Allreduce."""
         t = time.perf_counter()
         win = self._window_of(send) if self._windows and self.size > 1 else None
+        n = send.shape[0]
         if self.size == 1:
             if recv is not send:
                 recv[...] = send
-        elif win is not None and win.cross is None and win.node.size == self.size:
+        elif (win is not None and win.cross is None and win.node.size == self.size
+              and (tail is None or win.contains_at(tail, n))):
             lo = sum(counts[:self.rank])
-            win.reduce_scatter_(lo, lo + counts[self.rank], recv)
+            span = (n, n + (0 if tail is None else tail.size))
+            win.reduce_scatter_(lo, lo + counts[self.rank], recv, tail=span)
+            tail = None
         else:
             self._on_buffers(lambda s, r: self.comm.Reduce_scatter(s, r, list(counts),
                                                                    op=MPI.SUM), send, recv)
         self._count(send.nbytes, t)
+        if tail is not None and tail.size:
+            self.allreduce_sum_(tail)
 
     def allgatherv_(self, buf, counts, displs) -> None:
         """In place: ``buf`` (n,) contiguous; this rank's block is the counts[rank] entries
@@ -257,6 +282,41 @@ class Communicator:
                 [r, (list(recv_counts), list(recv_displs))]), send, recv)
         mine = send_counts[self.rank] if self.size > 1 else send_counts[0]
         self._count((sum(send_counts) - mine) * send.dtype.itemsize, t)
+
+    def alltoall_blocks_(self, send, send_blocks, recv, recv_blocks) -> None:
+        """One Alltoall of strided blocks (MPI_Alltoallw with vector datatypes, no packing
+        copy): to rank j goes the block send_blocks[j] of ``send``, from rank j comes the
+        block recv_blocks[j] of ``recv``; a block is (offset, rows, cols, stride) in
+        entries: ``rows`` runs of ``cols`` entries, ``stride`` apart, from ``offset``. Both
+        buffers contiguous, of one floating type."""
+        t = time.perf_counter()
+        if self.size == 1:
+            (a, rows, cols, s1), (b, _, _, s2) = send_blocks[0], recv_blocks[0]
+            src = send.reshape(-1)[a:a + (rows - 1) * s1 + cols] if rows else send[:0]
+            dst = recv.reshape(-1)[b:b + (rows - 1) * s2 + cols] if rows else recv[:0]
+            for i in range(rows):
+                dst[i * s2:i * s2 + cols] = src[i * s1:i * s1 + cols]
+        else:
+            from mpi4py.util.dtlib import from_numpy_dtype
+
+            base = from_numpy_dtype(np.dtype(send.dtype))
+            size = np.dtype(send.dtype).itemsize
+
+            def spec(blocks):
+                types = [base.Create_vector(rows, cols, stride).Commit()
+                         for _, rows, cols, stride in blocks]
+                return types, [1] * len(blocks), [off * size for off, *_ in blocks]
+
+            (st, sc, sd), (rt, rc, rd) = spec(send_blocks), spec(recv_blocks)
+            try:
+                self._on_buffers(lambda s, r: self.comm.Alltoallw(
+                    [s, (sc, sd), st], [r, (rc, rd), rt]), send, recv)
+            finally:
+                for dt in (*st, *rt):
+                    dt.Free()
+        sent = sum(rows * cols for j, (_, rows, cols, _) in enumerate(send_blocks)
+                   if j != self.rank)
+        self._count(sent * np.dtype(send.dtype).itemsize, t)
 
     def gatherv_root(self, send: np.ndarray, counts, root: int = 0) -> np.ndarray | None:
         """Host array ``send`` (counts[rank] entries) of every rank, concatenated in rank

@@ -36,9 +36,8 @@ MIN_BYTES = 64 << 10
 class NodeWindow:
     """``count`` entries of ``dtype`` per rank in one shared-memory window over ``node``
     (the ranks of this node); ``cross``: the ranks of the same local rank on every node
-    (None or size 1: one node). ``mine`` (count,): this rank's segment. ``holder``: a
-    callable that makes the current user of ``mine`` move to a private buffer (the window
-    serves one buffer at a time)."""
+    (None or size 1: one node). ``mine`` (count,): this rank's segment. ``owner``: a weak
+    reference to what holds ``mine`` now (the window serves one buffer at a time)."""
 
     def __init__(self, node, cross, count: int, dtype):
         self.node, self.cross = node, cross if cross is not None and cross.size > 1 else None
@@ -53,12 +52,18 @@ class NodeWindow:
         self.mine = self.segments[node.rank]
         self.mine[...] = 0
         self.address = self.mine.ctypes.data
-        self.holder = None
+        self.owner = lambda: None
 
     def contains(self, buf) -> bool:
         """Whether ``buf`` is the start of this rank's segment (its first entries)."""
         return (isinstance(buf, np.ndarray) and buf.ctypes.data == self.address
                 and buf.size <= self.count and buf.dtype == self.dtype)
+
+    def contains_at(self, buf, offset: int) -> bool:
+        """Whether ``buf`` is entries [offset, offset + size) of this rank's segment."""
+        return (isinstance(buf, np.ndarray) and buf.dtype == self.dtype
+                and buf.ctypes.data == self.address + offset * self.dtype.itemsize
+                and offset + buf.size <= self.count)
 
     def _sync(self) -> None:
         """Every rank's stores to the window visible to every rank, and all ranks here."""
@@ -93,12 +98,20 @@ class NodeWindow:
                 self.mine[bounds[q]:bounds[q + 1]] = self.segments[q][bounds[q]:bounds[q + 1]]
         self._sync()
 
-    def reduce_scatter_(self, lo: int, hi: int, out) -> None:
+    def reduce_scatter_(self, lo: int, hi: int, out, tail: tuple[int, int] = (0, 0)
+                        ) -> None:
         """``out`` (hi - lo,) <- entries [lo, hi) summed over the node's segments (one
-        node: this rank's part of the reduce-scatter)."""
+        node: this rank's part of the reduce-scatter); entries [tail[0], tail[1]) (a few
+        scalars) summed whole, in rank order on every rank (the same bits everywhere), into
+        this rank's segment."""
+        a, b = tail
         self._sync()
         self._sum_part(lo, hi, out)
+        scalars = self.segments[0][a:b].copy()
+        for seg in self.segments[1:]:
+            scalars += seg[a:b]
         self._sync()
+        self.mine[a:b] = scalars
 
     def free(self) -> None:
         self.win.Unlock_all()

@@ -46,7 +46,7 @@ class Objective:
         n = model.n_params
         # one Allreduce carries the gradient (n), the loss and the stop flag; the buffer may
         # be this rank's segment of the node's shared-memory window (comm.gradient_buffer)
-        self._buf = comm.gradient_buffer(n + 2, model.dtype, self.xp, self._leave_window)
+        self._buf = comm.gradient_buffer(n + 2, model.dtype, self.xp, owner=self)
         self.grad = self._buf[:n]
         self.grad_part = self.grad
         self._grad_whole = False  # grad holds the whole averaged gradient
@@ -73,15 +73,6 @@ class Objective:
         self.grad_part = exchange.part_buffer(self.grad)
         if exchange.part_size != self.model.n_params:
             self._work = self.xp.zeros(self.model.n_params, dtype=self.model.dtype)
-
-    def _leave_window(self) -> None:
-        """The communicator's window now serves another buffer: go on with a private copy
-        of this one (its reductions then go through MPI)."""
-        whole = self.grad_part is self.grad
-        self._buf = self._buf.copy()
-        self.grad = self._buf[:self.model.n_params]
-        if whole:
-            self.grad_part = self.grad
 
     @property
     def gradient_collective(self) -> str:

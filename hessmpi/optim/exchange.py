@@ -172,13 +172,13 @@ class ShardedExchange(Whole):
     # ----- reductions ---------------------------------------------------------------------
     def sum_(self, buf, n: int, out) -> None:
         """Reduce-scatter of ``buf[:n]`` into ``out`` (this rank's part) and, if ``buf``
-        has entries after n, one Allreduce of those."""
+        has entries after n, their sum on every rank (in the window's pass, or one
+        Allreduce)."""
         if not self.sharded:
             self.comm.allreduce_sum_(buf)
             return
-        if len(buf) > n:
-            self.comm.allreduce_sum_(buf[n:])
-        self.comm.reduce_scatter_(buf[:n], out, self.counts)
+        self.comm.reduce_scatter_(buf[:n], out, self.counts,
+                                  tail=buf[n:] if len(buf) > n else None)
 
     def complete_(self, partial) -> None:
         self.comm.allreduce_sum_(partial)
@@ -203,27 +203,27 @@ class ShardedExchange(Whole):
     # ----- pairs ----------------------------------------------------------------------------
     def share(self, memory, t: int) -> None:
         """Move every rank's own rows (its outbox, (2k, n), whole) into the ring slot ``t``
-        of every rank (2*P*k, n / P), contributor r's block from rank r: one Alltoall per
-        row, part j of it to rank j. Nothing to move with one contributor (its pairs are
-        formed in place, part by part)."""
+        of every rank (2*P*k, n / P), contributor r's block from rank r: one Alltoall,
+        part j of every row to rank j (strided blocks, no packing copy). Nothing to move
+        with one contributor (its pairs are formed in place, part by part)."""
         rows = memory.outbox
         if rows is None:
             return
-        slot = memory.slot(t).reshape(-1)
-        b, P, per = self.part_size, self.comm.size, rows.shape[0]
-        for i in range(per):
-            self.comm.alltoallv_(rows[i], self.counts, self.displs,
-                                 slot, (b,) * P, tuple((per * r + i) * b for r in range(P)))
+        per, n, b = rows.shape[0], self.n, self.part_size
+        self.comm.alltoall_blocks_(
+            rows, [(lo, per, c, n) for lo, c in zip(self.displs, self.counts, strict=True)],
+            memory.slot(t), [(per * r * b, 1, per * b, per * b)
+                             for r in range(self.comm.size)])
 
     def combine_to_owners(self, memory, coef, out) -> None:
-        """Every rank forms its part of all P*k rows ``coef @ W[:active]``; one Alltoall per
-        owned row gives each rank its k rows whole in ``out`` (k, n)."""
+        """Every rank forms its part of all P*k rows ``coef @ W[:active]``; one Alltoall
+        gives each rank its k rows whole in ``out`` (k, n)."""
         xp, k = memory.xp, out.shape[0]
         parts = xp.matmul(xp.asarray(coef, dtype=memory.W.dtype), memory.W[:memory.active])
-        flat, b, P = parts.reshape(-1), self.part_size, self.comm.size
-        for i in range(k):
-            self.comm.alltoallv_(flat, (b,) * P, tuple((k * r + i) * b for r in range(P)),
-                                 out[i], self.counts, self.displs)
+        b, n = self.part_size, self.n
+        self.comm.alltoall_blocks_(
+            parts, [(k * r * b, 1, k * b, k * b) for r in range(self.comm.size)],
+            out, [(lo, k, c, n) for lo, c in zip(self.displs, self.counts, strict=True)])
 
     # ----- checkpoints ----------------------------------------------------------------------
     def gathered(self, part):

@@ -78,3 +78,28 @@ def test_direct_path_of_the_sharded_collectives(direct):
         np.testing.assert_array_equal(got, np.repeat(10.0 * np.arange(P) + r, counts[r]))
 
     check_all(comm, check)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_direct_path_of_strided_blocks(direct):
+    """The pair exchange's Alltoallw of strided blocks hands device buffers to MPI as they
+    are: part j of two rows to rank j."""
+    comm = direct
+    P, r, n = comm.size, comm.rank, 3 * comm.size + 1
+    counts = [n // P + (q < n % P) for q in range(P)]
+    displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+    rows = np.array([np.arange(n) + 100.0 * r, np.arange(n) - 100.0 * r])
+    b = counts[r]
+    got = np.zeros((2 * P, b))
+    comm.alltoall_blocks_(FakeDeviceArray(rows),
+                          [(lo, 2, c, n) for lo, c in zip(displs, counts, strict=True)],
+                          FakeDeviceArray(got), [(2 * q * b, 1, 2 * b, 2 * b) for q in range(P)])
+
+    def check():
+        lo = displs[r]
+        for q in range(P):
+            np.testing.assert_array_equal(got[2 * q], np.arange(lo, lo + b) + 100.0 * q)
+            np.testing.assert_array_equal(got[2 * q + 1], np.arange(lo, lo + b) - 100.0 * q)
+
+    check_all(comm, check)

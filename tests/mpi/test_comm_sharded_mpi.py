@@ -88,6 +88,34 @@ def test_alltoallv_moves_block_j_to_rank_j(comm):
 
 
 @pytest.mark.mpi(min_size=2)
+def test_alltoall_blocks_moves_strided_parts_of_rows_both_ways(comm):
+    """The pair exchange's move: part j (columns of block j) of each of R whole rows to
+    rank j, received as a contiguous R x part block per source, in source order; and back
+    (a rank's parts of everyone's rows to the owner, as whole rows)."""
+    P, r, n, R = comm.size, comm.rank, 29, 3
+    counts = blocks(n, P)
+    displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+    rows = np.array([[1000.0 * r + 100 * i + c for c in range(n)] for i in range(R)])
+    b = counts[r]
+    got = np.full((P * R, b), np.nan)
+    comm.alltoall_blocks_(rows, [(lo, R, c, n) for lo, c in zip(displs, counts, strict=True)],
+                          got, [(q * R * b, 1, R * b, R * b) for q in range(P)])
+    back = np.full((R, n), np.nan)
+    comm.alltoall_blocks_(got, [(q * R * b, 1, R * b, R * b) for q in range(P)],
+                          back, [(lo, R, c, n) for lo, c in zip(displs, counts, strict=True)])
+
+    def check():
+        lo = displs[r]
+        for q in range(P):
+            want = np.array([[1000.0 * q + 100 * i + c for c in range(lo, lo + b)]
+                             for i in range(R)])
+            np.testing.assert_array_equal(got[q * R:(q + 1) * R], want)
+        np.testing.assert_array_equal(back, rows)   # each source's own rows came back
+
+    check_all(comm, check)
+
+
+@pytest.mark.mpi(min_size=2)
 def test_gatherv_root_concatenates_in_rank_order_on_root_only(comm):
     P, r = comm.size, comm.rank
     counts = blocks(11, P)
@@ -153,11 +181,28 @@ def test_window_reduce_scatter_on_one_node(comm):
     lo = sum(counts[:r])
     buf = comm.gradient_buffer(n + 2, np.float64, np)
     buf[:n] = values(r, n)
+    buf[n:] = [0.1 * (r + 1), 2.0 ** r]             # a loss and a flag ride along
     out = np.zeros(counts[r])
-    comm.reduce_scatter_(buf[:n], out, counts)
+    comm.reduce_scatter_(buf[:n], out, counts, tail=buf[n:])
     path = comm.gradient_path(buf, sharded=True)
     assert_all(comm, path.startswith("shared-memory window"), path)
     check_all(comm, lambda: np.testing.assert_array_equal(out, summed(P, n)[lo:lo + counts[r]]))
+    loss = sum(0.1 * (q + 1) for q in range(P))
+    check_all(comm, lambda: (np.testing.assert_allclose(buf[n], loss, rtol=1e-15),
+                             np.testing.assert_array_equal(buf[n + 1], 2.0 ** P - 1)))
+    assert_identical(comm, tail=np.array(buf[n:]))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_reduce_scatter_tail_through_mpi(comm):
+    """A plain buffer: the tail's scalars by one Allreduce."""
+    P, r, n = comm.size, comm.rank, 40
+    counts = blocks(n, P)
+    buf = np.concatenate([values(r, n), [1.0, r]])
+    out = np.zeros(counts[r])
+    comm.reduce_scatter_(buf[:n], out, counts, tail=buf[n:])
+    ok = buf[n] == P and buf[n + 1] == P * (P - 1) / 2
+    assert_all(comm, ok, f"tail {buf[n:]}")
 
 
 @pytest.mark.mpi(min_size=2)
@@ -211,32 +256,28 @@ def test_no_window_when_turned_off_small_or_alone(comm, solo):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_a_later_buffer_takes_the_window_and_the_earlier_owner_goes_private(comm):
-    """Two objectives of one size: the window serves the newer; the older is told (its
-    release callback) and, holding a private copy, still reduces correctly through MPI."""
+def test_buffers_alive_at_once_get_windows_of_their_own_and_a_dead_ones_is_reused(comm):
+    """Two owners alive at once: two windows, both reducing correctly; once the first owner
+    is gone on every rank, the next request of that size gets its window again."""
 
     class Owner:
         def __init__(self):
-            self.buf = comm.gradient_buffer(N_WINDOW, np.float64, np, self.release)
-            self.released = 0
-
-        def release(self):
-            self.released += 1
-            self.buf = self.buf.copy()
+            self.buf = comm.gradient_buffer(N_WINDOW, np.float64, np, owner=self)
 
     P, r, n = comm.size, comm.rank, N_WINDOW
-    first = Owner()
+    first, second = Owner(), Owner()
+    address = first.buf.ctypes.data
+    distinct = address != second.buf.ctypes.data
     first.buf[...] = values(r, n)
-    second = Owner()
-    kept = np.array_equal(first.buf, values(r, n))
     second.buf[...] = 2 * values(r, n)
     comm.allreduce_sum_(first.buf)
     comm.allreduce_sum_(second.buf)
     paths = (comm.gradient_path(first.buf), comm.gradient_path(second.buf))
-    assert_all(comm, (first.released, second.released, kept) == (1, 0, True),
-               f"released {first.released}, {second.released}; data kept {kept}")
-    assert_all(comm, paths[0] == "MPI_Allreduce" and paths[1].startswith("shared-memory"),
-               f"{paths}")
-    results = (first.buf, second.buf)
+    results = (first.buf.copy(), second.buf.copy())
+    del first
+    third = Owner()
+    assert_all(comm, distinct and third.buf.ctypes.data == address and not third.buf.any(),
+               "windows not distinct while alive, or the dead owner's not reused (zeroed)")
+    assert_all(comm, all(p.startswith("shared-memory window") for p in paths), f"{paths}")
     check_all(comm, lambda: (np.testing.assert_array_equal(results[0], summed(P, n)),
                              np.testing.assert_array_equal(results[1], 2 * summed(P, n))))
