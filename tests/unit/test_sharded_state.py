@@ -36,7 +36,7 @@ class StandIn:
     def __init__(self, rank: int, size: int):
         self.rank, self.size = rank, size
 
-    def gradient_buffer(self, count, dtype, xp, release=None):
+    def gradient_buffer(self, count, dtype, xp, owner=None):
         return xp.zeros(count, dtype=dtype)
 
 
