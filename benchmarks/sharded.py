@@ -103,13 +103,22 @@ def worker(spec: dict) -> dict:
         runs[exchange] = dict(sgd=sgd, sec=sec, split=splitter)
 
     def sgd_steps(r: dict, k: int) -> list[dict]:
+        """SGD.step's parts (as hessmpi.bench.split.sgd_step), in both clocks."""
         tr = r["sgd"]
-        out = []
+        objective, out = tr.objective, []
         for _ in range(k):
-            before = comm.seconds
-            parts = split.sgd_step(tr.theta, tr.objective, tr.optimizer, LR)
-            parts["comm"] = comm.seconds - before
-            out.append(parts)
+            objective.next_batch()
+            t0 = timing.now()
+            loss = objective.local_gradient(tr.theta)
+            t1 = timing.now()
+            c0 = np.array([comm.seconds, comm.cpu_seconds])
+            objective.reduce_gradient(loss)
+            tr.optimizer.update(tr.theta, objective.grad_part, LR)
+            t2 = timing.now()
+            c = np.array([comm.seconds, comm.cpu_seconds]) - c0
+            rest = t2 - t1 - c
+            out.append(dict(grad=(t1 - t0)[0], comm=c[0], step=(t2 - t0)[0],
+                            machinery=rest[0], grad_cpu=(t1 - t0)[1], machinery_cpu=rest[1]))
         return out
 
     def secant_steps(r: dict, k: int) -> list[dict]:
@@ -117,11 +126,16 @@ def worker(spec: dict) -> dict:
         out = []
         for _ in range(k):
             tr.objective.next_batch()
-            p = s.step(tr.theta, tr.objective, LR)
-            reduce_comm = p["reduce"]          # the gradient's reduction: all collective
-            p["machinery"] = (p["pairs"] + p["gram"] + p["solve"] + p["comb"]
-                              - (p["comm"] - reduce_comm))
-            out.append(p)
+            p = s.step(tr.theta, tr.objective, LR, now=timing.now)
+            parts = p["pairs"] + p["gram"] + p["solve"] + p["comb"]     # [wall, cpu]
+            out.append(dict(
+                grad=p["grad"][0], probe=p["probe"][0], comm=p["comm"],
+                step=float(sum(p[k][0] for k in ("grad", "probe", "reduce", "pairs", "gram",
+                                                 "solve", "comb"))),
+                machinery=parts[0] - p["comm_after_reduce"],
+                grad_cpu=p["grad"][1],
+                machinery_cpu=parts[1] - p["comm_cpu_after_reduce"],
+                fallback=p["fallback"]))
         return out
 
     def rep_of(steps) -> dict:
@@ -195,29 +209,24 @@ def report(results: list[dict], args) -> None:
             for method in ("sgd", "secant"):
                 reps = r["reps"][f"{exchange} {method}"]
                 quiet = sum(d <= QUIET for d in r["delays"][f"{exchange} {method}"])
-                grad = [x["grad"] for x in reps]
-                comm = [x["comm"] for x in reps]
-                if method == "sgd":
-                    mach = [x["update"] + x["average"] for x in reps]
-                    total = [x["grad"] + x["allreduce"] + x["update"] + x["average"]
-                             + x["batch"] for x in reps]
-                    label = "sgd"
-                else:
-                    mach = [x["machinery"] for x in reps]
-                    total = [x["grad"] + x["probe"] + x["reduce"] + x["pairs"] + x["gram"]
-                             + x["solve"] + x["comb"] for x in reps]
-                    label = f"secant m={P * r['memory']}"
-                ratio = [a / g for a, g in zip(mach, grad, strict=True)]
+                grad, comm = [x["grad"] for x in reps], [x["comm"] for x in reps]
+                mach, total = [x["machinery"] for x in reps], [x["step"] for x in reps]
+                ratio = [x["machinery_cpu"] / x["grad_cpu"] for x in reps]
                 share = [c / t for c, t in zip(comm, total, strict=True)]
+                label = "sgd" if method == "sgd" else f"secant m={P * r['memory']}"
                 rows.append([P, exchange, label, us(total), us(grad), us(comm),
                              tables.spread(share, lambda v: f"{v:.0%}"), us(mach),
+                             us([x["machinery_cpu"] for x in reps]),
                              tables.spread(ratio, lambda v: f"{v:.2f}"),
                              f"{quiet}/{len(reps)}"])
     print(tables.table(["P", "exchange", "method", "step", "gradient (one)", "collectives",
-                        "coll. share", "machinery", "machinery / gradient", "quiet"], rows))
+                        "coll. share", "machinery", "machinery CPU", "machinery / gradient, CPU",
+                        "quiet"], rows))
     print("  machinery: the secant step less its gradients and collectives (damping, g into "
           "W, Gram update, (2m+1)^2 work, combination, clip, momentum, theta -= v); for SGD "
-          "the update and the averaging")
+          "the averaging and the update. Wall clock, and this thread's CPU time (CPU, which "
+          "leaves out the time other processes held the core); the ratio to one batch-64 "
+          "gradient in CPU time.")
     print(f"  aims: machinery <= {AIM_MACHINERY} of one batch-64 gradient at P >= 2; the "
           f"gradient's collective <= {AIM_COMM_SHARE:.0%} of a 2-rank SGD step")
     print("\ngradient collective: " + "; ".join(

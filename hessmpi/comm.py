@@ -62,8 +62,9 @@ def _synchronize() -> None:
 class Communicator:
     """rank, size: of the wrapped communicator. bytes_sent: payload bytes this rank has handed
     to buffer collectives (0 on one rank). seconds: wall time spent inside them (staging
-    copies included). device_path: "direct" or "staged", for device buffers. intranode:
-    "auto" (gradient buffers in a shared-memory window where it applies) or "mpi".
+    copies included); cpu_seconds: this thread's CPU time inside them. device_path:
+    "direct" or "staged", for device buffers. intranode: "auto" (gradient buffers in a
+    shared-memory window where it applies) or "mpi".
     nodes: a communicator of the ranks that share memory with this one (default: MPI's
     shared-memory split; a test may emulate nodes with any split)."""
 
@@ -80,6 +81,7 @@ class Communicator:
         self.intranode = intranode
         self.bytes_sent = 0
         self.seconds = 0.0
+        self.cpu_seconds = 0.0    # CPU time of this thread inside them (no descheduled time)
         self._pinned: dict[tuple, np.ndarray] = {}
         self._nodes = nodes
         self._layout = None       # (node, cross, equal node sizes), made on first use
@@ -211,15 +213,20 @@ class Communicator:
         op(host_send, host_recv)
         recv.set(host_recv)
 
-    def _count(self, nbytes: int, started: float) -> None:
+    @staticmethod
+    def _clock() -> tuple[float, float]:
+        return time.perf_counter(), time.thread_time()
+
+    def _count(self, nbytes: int, started: tuple[float, float]) -> None:
         if self.size > 1:
             self.bytes_sent += nbytes
-        self.seconds += time.perf_counter() - started
+        self.seconds += time.perf_counter() - started[0]
+        self.cpu_seconds += time.thread_time() - started[1]
 
     def allreduce_sum_(self, buf) -> None:
         """Sum ``buf`` (a contiguous array) over all ranks, in place (through the node's
         shared-memory window if ``buf`` is a gradient buffer there)."""
-        t = time.perf_counter()
+        t = self._clock()
         win = self._window_of(buf) if self._windows and self.size > 1 else None
         if win is not None:
             win.allreduce_(buf.size)
@@ -230,7 +237,7 @@ class Communicator:
     def allgather_(self, buf) -> None:
         """In place: ``buf`` (P*b, ...) contiguous, this rank's block is rows
         [rank*b, (rank+1)*b); afterwards every rank holds every rank's block."""
-        t = time.perf_counter()
+        t = self._clock()
         self._on_buffer(lambda b: self.comm.Allgather(MPI.IN_PLACE, b), buf)
         self._count(buf.nbytes // self.size, t)
 
@@ -240,7 +247,7 @@ class Communicator:
         entries each (MPI_Reduce_scatter). ``tail``: a few entries right after ``send`` in
         its buffer (scalars such as a loss), summed whole on every rank in place: in the
         same pass through the shared-memory window, else by one Allreduce."""
-        t = time.perf_counter()
+        t = self._clock()
         win = self._window_of(send) if self._windows and self.size > 1 else None
         n = send.shape[0]
         if self.size == 1:
@@ -262,7 +269,7 @@ class Communicator:
     def allgatherv_(self, buf, counts, displs) -> None:
         """In place: ``buf`` (n,) contiguous; this rank's block is the counts[rank] entries
         from displs[rank]; afterwards every rank holds every rank's block."""
-        t = time.perf_counter()
+        t = self._clock()
         self._on_buffer(lambda b: self.comm.Allgatherv(
             MPI.IN_PLACE, [b, (list(counts), list(displs))]), buf)
         self._count(counts[self.rank] * buf.dtype.itemsize, t)
@@ -272,7 +279,7 @@ class Communicator:
         """Every rank sends ``send``'s send_counts[j] entries from send_displs[j] to rank j
         and receives rank j's into ``recv`` at recv_displs[j] (recv_counts[j] entries); both
         one-dimensional and contiguous (MPI_Alltoallv)."""
-        t = time.perf_counter()
+        t = self._clock()
         if self.size == 1:
             a, b = send_displs[0], recv_displs[0]
             recv[b:b + recv_counts[0]] = send[a:a + send_counts[0]]
@@ -289,7 +296,7 @@ class Communicator:
         block recv_blocks[j] of ``recv``; a block is (offset, rows, cols, stride) in
         entries: ``rows`` runs of ``cols`` entries, ``stride`` apart, from ``offset``. Both
         buffers contiguous, of one floating type."""
-        t = time.perf_counter()
+        t = self._clock()
         if self.size == 1:
             (a, rows, cols, s1), (b, _, _, s2) = send_blocks[0], recv_blocks[0]
             src = send.reshape(-1)[a:a + (rows - 1) * s1 + cols] if rows else send[:0]
@@ -321,7 +328,7 @@ class Communicator:
     def gatherv_root(self, send: np.ndarray, counts, root: int = 0) -> np.ndarray | None:
         """Host array ``send`` (counts[rank] entries) of every rank, concatenated in rank
         order on ``root`` (a new array); None elsewhere."""
-        t = time.perf_counter()
+        t = self._clock()
         send = np.ascontiguousarray(send).reshape(-1)
         out = np.empty(sum(counts), dtype=send.dtype) if self.rank == root else None
         if self.size == 1:
@@ -335,7 +342,7 @@ class Communicator:
 
     def bcast_(self, buf, root: int = 0) -> None:
         """Overwrite ``buf`` on every rank with root's ``buf``."""
-        t = time.perf_counter()
+        t = self._clock()
         self._on_buffer(lambda b: self.comm.Bcast(b, root=root), buf)
         self._count(buf.nbytes if self.rank == root else 0, t)
 

@@ -73,8 +73,10 @@ class SplitSecant:
         pairs (damping, exchange, commit, g into W, the row indices), gram (the Gram
         update), solve (the (2m+1)^2 Gram matrix to the host and the direction), comb (the
         combination over n, the clip, momentum, theta -= v, and with ``sharded`` the
-        Allgather of theta); comm: seconds inside collectives; fallback: whether it took
-        the SGD step."""
+        Allgather of theta); comm: seconds inside collectives; comm_after_reduce,
+        comm_cpu_after_reduce: wall and this thread's CPU seconds inside the collectives
+        of the parts after the reduction (pairs to comb); fallback: whether it took the
+        SGD step."""
         o, memory, source, xp = self.o, self.memory, self.source, self.xp
         comm_before = objective.comm.seconds
         t0 = now()
@@ -87,6 +89,7 @@ class SplitSecant:
         objective.reduce_gradient(loss)
         grad = objective.grad_part
         t3 = now()
+        comm_wall, comm_cpu = objective.comm.seconds, objective.comm.cpu_seconds
         slot = source.after_reduce(theta, grad, memory, o.damping, self.velocity)
         memory.set_gradient(grad)
         s_idx, y_idx = memory.pair_indices()   # the ring's rows do not move in the update
@@ -126,4 +129,6 @@ class SplitSecant:
         t9 = now()
         return dict(grad=t1 - t0, probe=t2 - t1, reduce=t3 - t2b, pairs=t4 - t3, gram=t6 - t5,
                     solve=t7 - t6, comb=t9 - t8, comm=objective.comm.seconds - comm_before,
+                    comm_after_reduce=objective.comm.seconds - comm_wall,
+                    comm_cpu_after_reduce=objective.comm.cpu_seconds - comm_cpu,
                     fallback=d.reason is not None)
