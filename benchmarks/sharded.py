@@ -83,7 +83,7 @@ def worker(spec: dict) -> dict:
     from hessmpi.optim import build_optimizer, state_bytes
     from hessmpi.trainer import Training
 
-    comm, backend = launch.context(threads=1)
+    comm, backend = launch.context(threads=1, intranode=spec["intranode"])
     P, K = comm.size, memory_k(comm.size)
     base = {"data": {"path": spec["data"]},
             "model": {"name": "mlp", "hidden": SIZES[1:-1], "l2": 1e-4},
@@ -183,11 +183,61 @@ def worker(spec: dict) -> dict:
 
     alone = {nbytes: collectives_alone(comm, nbytes, spec["collective_reps"])
              for nbytes in COLLECTIVE_BYTES}
+    intranode = intranode_ab(comm, backend, base, spec) if P > 1 else {}
     bandwidth = float(np.median(timing.read_bandwidth(64 << 20, reps=3)))
     return dict(ranks=P, memory=K, n_params=runs["sharded"]["sec"].model.n_params,
                 reps=reps, delays=delays, bytes=bytes_held, m=m_of,
                 alone={str(b): v for b, v in alone.items()}, read_bytes_per_s=bandwidth,
-                paths=paths)
+                paths=paths, intranode=intranode)
+
+
+def intranode_ab(comm, backend, base: dict, spec: dict) -> dict:
+    """The gradient's collective through the shared-memory window against MPI's own, in
+    one job, interleaved block by block (the machine's noise hits both alike): SGD steps
+    of both exchanges on a Communicator with intranode "window" and on one with "mpi";
+    seconds per step of the step, the gradient and the reduction (the Allreduce or the
+    reduce-scatter with the loss), and of the reduction alone after a Barrier."""
+    from mpi4py import MPI
+
+    from hessmpi import config
+    from hessmpi.comm import Communicator
+    from hessmpi.trainer import Training
+
+    comms = {"window": Communicator(MPI.COMM_WORLD, intranode="window"), "mpi": comm}
+    trainings = {}
+    for path, c in comms.items():
+        for exchange in EXCHANGES:
+            cfg = config.from_dict({**base, "optim": {"name": "sgd", "lr": LR,
+                                                      "exchange": exchange}})
+            trainings[f"{exchange} {path}"] = Training(cfg, c, backend)
+    samples = {k: {"step": [], "grad": [], "reduce": [], "alone": []} for k in trainings}
+    for _ in range(spec["warmup"]):
+        for tr in trainings.values():
+            tr.step(0)
+    for _ in range(spec["reps"] * spec["steps"] // 4):
+        for key, tr in trainings.items():
+            c, objective = tr.comm, tr.objective
+            objective.next_batch()
+            t0 = time.perf_counter()
+            loss = objective.local_gradient(tr.theta)
+            t1 = time.perf_counter()
+            before = c.seconds
+            objective.reduce_gradient(loss)
+            reduce = c.seconds - before
+            tr.optimizer.update(tr.theta, objective.grad_part, LR)
+            t2 = time.perf_counter()
+            samples[key]["step"].append(t2 - t0)
+            samples[key]["grad"].append(t1 - t0)
+            samples[key]["reduce"].append(reduce)
+            c.barrier()
+            before = c.seconds
+            objective.reduce_gradient(loss)
+            samples[key]["alone"].append(c.seconds - before)
+    out = {key: {part: float(np.median(comm.allgather(float(np.median(v)))))
+                 for part, v in parts.items()} for key, parts in samples.items()}
+    for key, tr in trainings.items():
+        out[key]["path"] = tr.objective.gradient_collective
+    return out
 
 
 def us(values) -> str:
@@ -252,6 +302,15 @@ def report(results: list[dict], args) -> None:
             crow.append([r["ranks"], op, *(f"{r['alone'][str(b)][op] * 1e6:.1f}"
                                            for b in COLLECTIVE_BYTES)])
     print(tables.table(["P", "collective", *(f"{b} B" for b in COLLECTIVE_BYTES)], crow))
+    ab = [[r["ranks"], key, f"{v['step'] * 1e6:,.0f}", f"{v['grad'] * 1e6:,.0f}",
+           f"{v['reduce'] * 1e6:,.0f}", f"{v['reduce'] / v['step']:.1%}",
+           f"{v['alone'] * 1e6:,.0f}", v["path"]]
+          for r in results for key, v in r["intranode"].items()]
+    if ab:
+        print("\nthe gradient's collective, shared-memory window against MPI's own, SGD "
+              "steps interleaved in one job (median over steps, then ranks), microseconds\n")
+        print(tables.table(["P", "exchange / path", "step", "gradient", "reduction",
+                            "reduction / step", "reduction alone", "collective"], ab))
     print("\nread-and-sum of 64 MiB per rank: " + ", ".join(
         f"P={r['ranks']} {r['read_bytes_per_s'] / 1e9:.1f} GB/s" for r in results))
 
@@ -263,7 +322,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=40, help="steps per repetition")
     ap.add_argument("--warmup", type=int, default=15)
     ap.add_argument("--collective-reps", type=int, default=30)
-    ap.add_argument("--intranode", choices=("auto", "mpi"), default="auto")
+    ap.add_argument("--intranode", choices=("mpi", "window"), default="mpi",
+                    help="the gradient's collective of the step tables")
     ap.add_argument("--wait-idle", type=float, default=10)
     ap.add_argument("--timeout", type=float, default=600)
     args = ap.parse_args(argv)

@@ -2,17 +2,18 @@
 
     .venv/bin/python benchmarks/step_time.py            (what `make bench` runs)
     .venv/bin/python benchmarks/step_time.py --ranks 1 2 --reps 7 --steps 200
-    .venv/bin/python benchmarks/step_time.py --ranks 2 --intranode auto mpi
+    .venv/bin/python benchmarks/step_time.py --ranks 2 --intranode mpi window
 
 Launches itself under mpiexec once per rank count. Each rank builds a hessmpi Training (the
 MLP on mnist-t10k, batch 64 per rank, SGD momentum 0.9) and runs its steps by their public
 parts (hessmpi.bench.split.sgd_step: batch gather, gradient, Allreduce, averaging, update),
 interleaved with the gradient's own 8 matrix products alone (same shapes, threads, and
 ranks at once), the rate the gradient is held to. BLAS threads as `hessmpi train` chooses
-them. The gradient's Allreduce goes through the node's shared-memory window (`--intranode
-auto`, what `hessmpi train` does) or MPI's own (`mpi`); given both, each rank count runs
-with each, one after the other. Prints tables; every figure per rank and repetition goes to
-bench-results/step_time.json. See benchmarks/README.md.
+them. The gradient's Allreduce is MPI's own (`--intranode mpi`, what `hessmpi train` does
+by default) or goes through the node's shared-memory window (`window`); given both, each
+rank count runs with each, one after the other (benchmarks/sharded.py interleaves
+them in one job, the fairer comparison on a loaded machine). Prints tables; every figure
+per rank and repetition goes to bench-results/step_time.json. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def worker(spec: dict) -> dict:
     from hessmpi import config
     from hessmpi.trainer import Training
 
-    comm, backend = launch.context(intranode=spec.get("intranode", "auto"))
+    comm, backend = launch.context(intranode=spec.get("intranode", "mpi"))
     cfg = config.from_dict({"data": {"path": spec["data"]}, "model": {
         "name": "mlp", "hidden": SIZES[1:-1], "l2": 1e-4}, "optim": {"lr": LR},
         "train": {"batch_size": BATCH}, "backend": {"device": "cpu", "threads":
@@ -94,7 +95,7 @@ def worker(spec: dict) -> dict:
 
     def allreduce_alone(k: int) -> float:
         """Seconds inside the collective of Objective.reduce_gradient (the step's own
-        buffer: the window's segment with --intranode auto), each right after a Barrier."""
+        buffer: the window's segment with --intranode window), each right after a Barrier."""
         total = 0.0
         for _ in range(k):
             comm.barrier()
@@ -239,9 +240,9 @@ def main(argv=None) -> None:
     ap.add_argument("--wait-idle", type=float, default=30,
                     help="seconds to wait for a quiet machine before each run")
     ap.add_argument("--timeout", type=float, default=300)
-    ap.add_argument("--intranode", nargs="+", choices=("auto", "mpi"), default=["auto"],
-                    help="the gradient's collective: the shared-memory window (auto, as "
-                         "hessmpi train) and/or MPI's own Allreduce")
+    ap.add_argument("--intranode", nargs="+", choices=("mpi", "window"), default=["mpi"],
+                    help="the gradient's collective: MPI's own Allreduce (mpi, as hessmpi "
+                         "train by default) and/or the shared-memory window")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     data = str(datasets.dataset("mnist-t10k", ROOT))

@@ -10,7 +10,8 @@ strings) with the lowercase pickling calls. Device (GPU) buffers, recognised by 
 The gradient's buffer may live in a shared-memory window of the node's ranks
 (:meth:`Communicator.gradient_buffer`, :mod:`hessmpi.nodewindow`): its Allreduce, and its
 reduce-scatter on one node, then run through the window instead of MPI's collectives
-(``intranode = "auto"``, the default; ``"mpi"``: never).
+(``intranode = "window"``; the default ``"mpi"`` leaves every collective to MPI: on the
+2-core machine here neither measured ahead in a step, see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -63,17 +64,17 @@ class Communicator:
     """rank, size: of the wrapped communicator. bytes_sent: payload bytes this rank has handed
     to buffer collectives (0 on one rank). seconds: wall time spent inside them (staging
     copies included); cpu_seconds: this thread's CPU time inside them. device_path:
-    "direct" or "staged", for device buffers. intranode: "auto" (gradient buffers in a
-    shared-memory window where it applies) or "mpi".
+    "direct" or "staged", for device buffers. intranode: "mpi" (MPI's collectives) or
+    "window" (gradient buffers in a shared-memory window where it applies).
     nodes: a communicator of the ranks that share memory with this one (default: MPI's
     shared-memory split; a test may emulate nodes with any split)."""
 
     def __init__(self, comm: MPI.Comm = MPI.COMM_WORLD, *, device_path: str = "staged",
-                 intranode: str = "auto", nodes: MPI.Comm | None = None):
+                 intranode: str = "mpi", nodes: MPI.Comm | None = None):
         if device_path not in ("direct", "staged"):
             raise ValueError(f"device_path must be 'direct' or 'staged', not {device_path!r}")
-        if intranode not in ("auto", "mpi"):
-            raise ValueError(f"intranode must be 'auto' or 'mpi', not {intranode!r}")
+        if intranode not in ("mpi", "window"):
+            raise ValueError(f"intranode must be 'mpi' or 'window', not {intranode!r}")
         self.comm = comm.Dup()
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
@@ -93,14 +94,14 @@ class Communicator:
     def gradient_buffer(self, count: int, dtype, xp, owner=None):
         """A zeroed buffer (count,) for a gradient and the scalars reduced with it: this
         rank's segment of a shared-memory window of the node's ranks where the fast path
-        applies (``intranode = "auto"``, more than one rank, a host array of at least
+        applies (``intranode = "window"``, more than one rank, a host array of at least
         nodewindow.MIN_BYTES, the window available), else a plain array of ``xp``. A
         collective: every rank calls it alike. The window is ``owner``'s while ``owner``
         lives (without one, for good); a window whose owner is gone on every rank serves
         the next request of its size, so windows are allocated only for buffers alive at
         once."""
         nbytes = count * np.dtype(dtype).itemsize
-        if (self.size == 1 or self.intranode != "auto" or xp.__name__ != "numpy"
+        if (self.size == 1 or self.intranode != "window" or xp.__name__ != "numpy"
                 or nbytes < MIN_BYTES):
             return xp.zeros(count, dtype=dtype)
         win = self._free_window(count, dtype)

@@ -244,10 +244,10 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "threads": Option(0, "int", "BLAS threads per rank (0: node cores / ranks on the node)",
                           low=0),
         "share_gpus": Option(False, "bool", "allow more ranks than GPUs on a node"),
-        "intranode": Option("auto", "str", "the gradient's collective: auto (through an MPI-3 "
+        "intranode": Option("mpi", "str", "the gradient's collective: mpi (MPI's own "
+                            "Allreduce / Reduce_scatter) or window (through an MPI-3 "
                             "shared-memory window of each node's ranks, two-level across "
-                            "nodes, where it applies) or mpi (MPI's own Allreduce)",
-                            choices=("auto", "mpi")),
+                            "nodes, where it applies)", choices=("mpi", "window")),
         "mpi_device_path": Option("auto", "str", "how GPU buffers reach MPI: direct (a "
                                   "CUDA-aware MPI), staged (through pinned host buffers), or "
                                   "auto (direct if the MPI library says it is CUDA-aware)",

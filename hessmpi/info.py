@@ -55,7 +55,7 @@ def describe() -> str:
         "exchanges allgather (every rank holds the optimizer state whole), sharded (1/P of "
         "every n-vector per rank): optim.exchange",
         f"intranode gradient through an MPI-3 shared-memory window of each node's ranks "
-        f"(backend.intranode = auto): "
+        f"(backend.intranode = window): "
         f"{'available' if MPI.Get_version() >= (3, 0) else 'not available (MPI < 3)'}; "
         "a run's metrics.h5 says what it used (hessmpi info RUN)",
     ]

@@ -121,11 +121,12 @@ def script(worker, main, argv: list[str] | None = None) -> None:
 
 
 def context(device: str = "cpu", dtype: str = "float32", threads: int = 0, *, world=None,
-            intranode: str = "auto"):
+            intranode: str = "mpi"):
     """(Communicator, Backend) of this rank over ``world`` (default COMM_WORLD), chosen as
     ``hessmpi train`` chooses them: BLAS threads = the node's cores shared by its ranks
     unless ``threads`` > 0; the GPU local_rank % GPUs; CUDA-aware MPI used when detected;
-    ``intranode``: the gradient's collective, "auto" (the shared-memory window) or "mpi"."""
+    ``intranode``: the gradient's collective, "mpi" or "window" (the shared-memory
+    window)."""
     from mpi4py import MPI
 
     from hessmpi.backend import blas_threads, make_backend, node_layout

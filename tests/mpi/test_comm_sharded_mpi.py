@@ -130,13 +130,21 @@ N_WINDOW = MIN_BYTES // 8 + 3          # float64 entries: just over the threshol
 
 
 @pytest.fixture
+def windowed():
+    """A Communicator over COMM_WORLD whose gradient buffers go in the node's window."""
+    c = Communicator(MPI.COMM_WORLD, intranode="window")
+    yield c
+    c.comm.Free()
+
+
+@pytest.fixture
 def emulated(request):
     """A Communicator over COMM_WORLD whose "nodes" are the split given by the test's
     parameter (rank -> colour), freed after the test."""
     colour = request.param
     world = MPI.COMM_WORLD
     nodes = world.Split(color=colour(world.rank, world.size), key=world.rank)
-    c = Communicator(world, nodes=nodes)
+    c = Communicator(world, nodes=nodes, intranode="window")
     yield c
     c.comm.Free()
     nodes.Free()
@@ -144,53 +152,53 @@ def emulated(request):
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_window_allreduce_equals_mpi_allreduce(comm, dtype):
+def test_window_allreduce_equals_mpi_allreduce(windowed, dtype):
     """On this machine's node: the gradient buffer is in the window, its Allreduce equals
     the closed form and MPI's own Allreduce of the same data (bitwise on two ranks, where
     the sum has one order), identical on every rank."""
-    P, r, n = comm.size, comm.rank, MIN_BYTES // np.dtype(dtype).itemsize + 5
-    buf = comm.gradient_buffer(n, dtype, np)
-    path = comm.gradient_path(buf)
+    P, r, n = windowed.size, windowed.rank, MIN_BYTES // np.dtype(dtype).itemsize + 5
+    buf = windowed.gradient_buffer(n, dtype, np)
+    path = windowed.gradient_path(buf)
     buf[...] = values(r, n, dtype)
-    comm.allreduce_sum_(buf)
+    windowed.allreduce_sum_(buf)
     plain = values(r, n, dtype)
-    comm.comm.Allreduce(MPI.IN_PLACE, plain, op=MPI.SUM)
-    assert_all(comm, path.startswith("shared-memory window"), path)
-    check_all(comm, lambda: np.testing.assert_array_equal(buf, summed(P, n, dtype)))
+    windowed.comm.Allreduce(MPI.IN_PLACE, plain, op=MPI.SUM)
+    assert_all(windowed, path.startswith("shared-memory window"), path)
+    check_all(windowed, lambda: np.testing.assert_array_equal(buf, summed(P, n, dtype)))
     if P == 2:
-        check_all(comm, lambda: np.testing.assert_array_equal(buf, plain))
-    assert_identical(comm, reduced=np.array(buf))
+        check_all(windowed, lambda: np.testing.assert_array_equal(buf, plain))
+    assert_identical(windowed, reduced=np.array(buf))
 
 
 @pytest.mark.mpi(min_size=2)
-def test_window_allreduce_of_rounded_values_is_identical_on_every_rank(comm):
+def test_window_allreduce_of_rounded_values_is_identical_on_every_rank(windowed):
     """Random floats (inexact sums): every rank ends with the same bits, close to the sum."""
-    P, r, n = comm.size, comm.rank, N_WINDOW
-    buf = comm.gradient_buffer(n, np.float64, np)
+    P, r, n = windowed.size, windowed.rank, N_WINDOW
+    buf = windowed.gradient_buffer(n, np.float64, np)
     buf[...] = np.random.default_rng([4, r]).standard_normal(n)
     want = sum(np.random.default_rng([4, q]).standard_normal(n) for q in range(P))
-    comm.allreduce_sum_(buf)
-    check_all(comm, lambda: np.testing.assert_allclose(buf, want, rtol=1e-13, atol=1e-13))
-    assert_identical(comm, reduced=np.array(buf))
+    windowed.allreduce_sum_(buf)
+    check_all(windowed, lambda: np.testing.assert_allclose(buf, want, rtol=1e-13, atol=1e-13))
+    assert_identical(windowed, reduced=np.array(buf))
 
 
 @pytest.mark.mpi(min_size=2)
-def test_window_reduce_scatter_on_one_node(comm):
-    P, r, n = comm.size, comm.rank, N_WINDOW
+def test_window_reduce_scatter_on_one_node(windowed):
+    P, r, n = windowed.size, windowed.rank, N_WINDOW
     counts = blocks(n, P)
     lo = sum(counts[:r])
-    buf = comm.gradient_buffer(n + 2, np.float64, np)
+    buf = windowed.gradient_buffer(n + 2, np.float64, np)
     buf[:n] = values(r, n)
     buf[n:] = [0.1 * (r + 1), 2.0 ** r]             # a loss and a flag ride along
     out = np.zeros(counts[r])
-    comm.reduce_scatter_(buf[:n], out, counts, tail=buf[n:])
-    path = comm.gradient_path(buf, sharded=True)
-    assert_all(comm, path.startswith("shared-memory window"), path)
-    check_all(comm, lambda: np.testing.assert_array_equal(out, summed(P, n)[lo:lo + counts[r]]))
+    windowed.reduce_scatter_(buf[:n], out, counts, tail=buf[n:])
+    path = windowed.gradient_path(buf, sharded=True)
+    assert_all(windowed, path.startswith("shared-memory window"), path)
+    check_all(windowed, lambda: np.testing.assert_array_equal(out, summed(P, n)[lo:lo + counts[r]]))
     loss = sum(0.1 * (q + 1) for q in range(P))
-    check_all(comm, lambda: (np.testing.assert_allclose(buf[n], loss, rtol=1e-15),
+    check_all(windowed, lambda: (np.testing.assert_allclose(buf[n], loss, rtol=1e-15),
                              np.testing.assert_array_equal(buf[n + 1], 2.0 ** P - 1)))
-    assert_identical(comm, tail=np.array(buf[n:]))
+    assert_identical(windowed, tail=np.array(buf[n:]))
 
 
 @pytest.mark.mpi(min_size=2)
@@ -243,41 +251,37 @@ def test_unequal_nodes_fall_back_to_mpi(comm, emulated):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_no_window_when_turned_off_small_or_alone(comm, solo):
-    off = Communicator(MPI.COMM_WORLD, intranode="mpi")
-    try:
-        paths = [off.gradient_path(off.gradient_buffer(N_WINDOW, np.float64, np)),
-                 comm.gradient_path(comm.gradient_buffer(100, np.float64, np)),
-                 solo.gradient_path(solo.gradient_buffer(N_WINDOW, np.float64, np))]
-    finally:
-        off.comm.Free()
+def test_no_window_by_default_small_or_alone(comm, windowed, solo):
+    paths = [comm.gradient_path(comm.gradient_buffer(N_WINDOW, np.float64, np)),
+             windowed.gradient_path(windowed.gradient_buffer(100, np.float64, np)),
+             solo.gradient_path(solo.gradient_buffer(N_WINDOW, np.float64, np))]
     ok = paths[:2] == ["MPI_Allreduce"] * 2 and paths[2] == "none (one rank)"
     assert_all(comm, ok, f"{paths}")
 
 
 @pytest.mark.mpi(min_size=2)
-def test_buffers_alive_at_once_get_windows_of_their_own_and_a_dead_ones_is_reused(comm):
+def test_buffers_alive_at_once_get_windows_of_their_own_and_a_dead_ones_is_reused(windowed):
     """Two owners alive at once: two windows, both reducing correctly; once the first owner
     is gone on every rank, the next request of that size gets its window again."""
 
     class Owner:
         def __init__(self):
-            self.buf = comm.gradient_buffer(N_WINDOW, np.float64, np, owner=self)
+            self.buf = windowed.gradient_buffer(N_WINDOW, np.float64, np, owner=self)
 
-    P, r, n = comm.size, comm.rank, N_WINDOW
+    P, r, n = windowed.size, windowed.rank, N_WINDOW
     first, second = Owner(), Owner()
     address = first.buf.ctypes.data
     distinct = address != second.buf.ctypes.data
     first.buf[...] = values(r, n)
     second.buf[...] = 2 * values(r, n)
-    comm.allreduce_sum_(first.buf)
-    comm.allreduce_sum_(second.buf)
-    paths = (comm.gradient_path(first.buf), comm.gradient_path(second.buf))
+    windowed.allreduce_sum_(first.buf)
+    windowed.allreduce_sum_(second.buf)
+    paths = (windowed.gradient_path(first.buf), windowed.gradient_path(second.buf))
     results = (first.buf.copy(), second.buf.copy())
     del first
     third = Owner()
-    assert_all(comm, distinct and third.buf.ctypes.data == address and not third.buf.any(),
+    assert_all(windowed, distinct and third.buf.ctypes.data == address and not third.buf.any(),
                "windows not distinct while alive, or the dead owner's not reused (zeroed)")
-    assert_all(comm, all(p.startswith("shared-memory window") for p in paths), f"{paths}")
-    check_all(comm, lambda: (np.testing.assert_array_equal(results[0], summed(P, n)),
+    assert_all(windowed, all(p.startswith("shared-memory window") for p in paths), f"{paths}")
+    check_all(windowed, lambda: (np.testing.assert_array_equal(results[0], summed(P, n)),
                              np.testing.assert_array_equal(results[1], 2 * summed(P, n))))

@@ -123,24 +123,22 @@ def test_the_window_path_gives_the_same_steps(comm, dataset):
     Allreduce through the window), and allgather through the window against MPI's own
     Allreduce, bitwise on two ranks (one sum order)."""
     sets = ["model.name=mlp", "model.hidden=[1100]", *CASES["probe-memory"]]
-    ref = trained(dataset, comm, sets, "allgather")
-    paths = [ref.objective.gradient_collective]   # (a later training takes the window)
-    got = trained(dataset, comm, sets, "sharded")
-    paths.append(got.objective.gradient_collective)
-    mpi = Communicator(MPI.COMM_WORLD, intranode="mpi")
+    window = Communicator(MPI.COMM_WORLD, intranode="window")
     try:
-        plain = trained(dataset, mpi, sets, "allgather")
+        ref = trained(dataset, window, sets, "allgather")
+        got = trained(dataset, window, sets, "sharded")
+        plain = trained(dataset, comm, sets, "allgather")       # the default: MPI's own
+        paths = [tr.objective.gradient_collective for tr in (ref, got, plain)]
+        assert_all(comm, paths[0].startswith("shared-memory window")
+                   and paths[1].startswith("shared-memory window")
+                   and paths[2] == "MPI_Allreduce", f"{paths}")
+        assert_checks(comm, compare(ref, got))
+        exact = np.array_equal(ref.theta, plain.theta)
+        close = rel(ref.theta, plain.theta) <= TOL
+        assert_all(comm, exact if comm.size == 2 else close,
+                   f"window vs MPI Allreduce: rel {rel(ref.theta, plain.theta):.2e}")
     finally:
-        mpi.comm.Free()
-    paths.append(plain.objective.gradient_collective)
-    assert_all(comm, paths[0].startswith("shared-memory window")
-               and paths[1].startswith("shared-memory window")
-               and paths[2] == "MPI_Allreduce", f"{paths}")
-    assert_checks(comm, compare(ref, got))
-    exact = np.array_equal(ref.theta, plain.theta)
-    close = rel(ref.theta, plain.theta) <= TOL
-    assert_all(comm, exact if comm.size == 2 else close,
-               f"window vs MPI Allreduce: rel {rel(ref.theta, plain.theta):.2e}")
+        window.comm.Free()
 
 
 @pytest.mark.mpi(min_size=2)
