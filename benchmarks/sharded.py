@@ -315,6 +315,82 @@ def report(results: list[dict], args) -> None:
         f"P={r['ranks']} {r['read_bytes_per_s'] / 1e9:.1f} GB/s" for r in results))
 
 
+# ----- the alpha-beta model at scale (benchmarks/README.md) ----------------------------------
+#: Assumed for a cluster (not measurable here): per-message latency and per-byte time of the
+#: inter-node network (100 Gb/s per rank's share), float32.
+ALPHA, BETA, WORD = 2e-6, 1 / 12.5e9, 4
+#: Measured on this machine, one core (benchmarks/README.md, secant_step.py): the Gram update
+#: and the combination stream W at about 10 and 18 GB/s, the Gram kernel computes at about
+#: 46 GFLOP/s from cache; the host's m x m work runs at about 20 GFLOP/s (LAPACK eigh and
+#: small products, ~15 m^3 flops a step).
+GRAM_BW, COMB_BW, GRAM_FLOPS, HOST_FLOPS = 10e9, 18e9, 46e9, 20e9
+
+
+def step_model(P: int, n: float, m: int, new_rows: int, own_rows: int,
+               alpha: float = ALPHA, beta: float = BETA) -> dict:
+    """Per-rank seconds and bytes of one secant step of each exchange: ``m`` pairs kept,
+    ``new_rows`` rows of W replaced a step (2 P k for the workers' probe pairs, 2 for a
+    global pair), ``own_rows`` rows a rank forms whole (2k for probe pairs, 0 for global
+    pairs). Collectives after Thakur, Rabenseifner & Gropp (2005): Allreduce 2 log P alpha
+    + 2 (P-1)/P N beta; Reduce_scatter and Allgather log P alpha + (P-1)/P N beta;
+    Alltoall (pairwise) (P-1) alpha + (P-1)/P N beta (N: what one rank sends)."""
+    lg, f = np.log2(P), (P - 1) / P
+    nb, rows = n * WORD, 2 * m + 1
+    gram_rows = (1 + new_rows) * rows * WORD
+    small = 2 * lg * alpha
+
+    def machinery(columns: float) -> float:
+        """The Gram update (new rows against every row: memory or compute bound), the
+        combination (memory bound) over ``columns``, and the damping of own whole rows."""
+        gram = max(rows * columns * WORD / GRAM_BW,
+                   2 * (1 + new_rows) * rows * columns / GRAM_FLOPS)
+        return gram + (rows + 1) * columns * WORD / COMB_BW + 3 * own_rows * nb / COMB_BW
+
+    ag = dict(
+        comm=(2 * lg * alpha + 2 * f * nb * beta                       # gradient Allreduce
+              + (lg * alpha + (P - 1) * own_rows * nb * beta if own_rows else 0)),
+        machinery=machinery(n), memory=(rows + 3) * nb)
+    sh = dict(
+        comm=(lg * alpha + f * nb * beta + small                     # RS + loss/flag
+              + ((P - 1) * alpha + f * own_rows * nb * beta if own_rows else 0)   # pairs
+              + 2 * lg * alpha + 2 * f * gram_rows * beta            # Gram rows
+              + small                                                 # clip norm
+              + lg * alpha + f * nb * beta),                          # theta Allgather
+        machinery=machinery(n / P), memory=(rows + 1) * nb / P + (own_rows + 2) * nb)
+    mxm = 15 * m ** 3 / HOST_FLOPS
+    return dict(allgather=ag, sharded=sh, mxm=mxm, gram_rows_bytes=gram_rows)
+
+
+def model_tables() -> str:
+    """The model's tables for P = 8 ... 1024 and n = 1e6 ... 1e9."""
+    out = []
+    for title, k, K, hist in (("probe pairs, k = 1, K = 4 (m = 4P)", 1, 4, False),
+                              ("probe pairs, k = 1, K = 1 (m = P)", 1, 1, False),
+                              ("history pairs, K = 4 (m = 4)", 0, 4, True)):
+        rows = []
+        for P in (8, 64, 1024):
+            m = 4 if hist else P * k * K
+            for n in (1e6, 1e7, 1e8, 1e9):
+                r = step_model(P, n, m, 2 if hist else 2 * P * k, 0 if hist else 2 * k)
+                a, s = r["allgather"], r["sharded"]
+
+                def gb(x):
+                    return f"{x / 1e9:,.3g}"
+
+                def ms(x):
+                    return f"{x * 1e3:,.3g}"
+
+                rows.append([P, f"{n:.0e}", m, gb(a["memory"]), gb(s["memory"]),
+                             ms(a["comm"]), ms(s["comm"]), ms(a["machinery"]),
+                             ms(s["machinery"]), ms(r["mxm"])])
+        out.append(f"\n{title}\n")
+        out.append(tables.table(["P", "n", "m", "state GB allgather", "state GB sharded",
+                                 "comm ms allgather", "comm ms sharded",
+                                 "machinery ms allgather", "machinery ms sharded",
+                                 "m x m ms (both)"], rows))
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3])
@@ -326,7 +402,16 @@ def main(argv=None) -> None:
                     help="the gradient's collective of the step tables")
     ap.add_argument("--wait-idle", type=float, default=10)
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--model", action="store_true",
+                    help="print only the alpha-beta model at P = 8 ... 1024 (no runs)")
     args = ap.parse_args(argv)
+    if args.model:
+        print("alpha-beta model per rank and step (benchmarks/README.md): alpha "
+              f"{ALPHA * 1e6:g} us, 1/beta {1 / BETA / 1e9:g} GB/s, float32; Gram update "
+              f"{GRAM_BW / 1e9:g} GB/s and {GRAM_FLOPS / 1e9:g} GFLOP/s, combination "
+              f"{COMB_BW / 1e9:g} GB/s, host m x m {HOST_FLOPS / 1e9:g} GFLOP/s")
+        print(model_tables())
+        return
     started = time.perf_counter()
     data = str(datasets.dataset("mnist-t10k", ROOT))
     results = []
@@ -337,6 +422,7 @@ def main(argv=None) -> None:
                             timeout=args.timeout)
         results.append(dict(raw, busy_before=busy))
     report(results, args)
+    print("\n" + model_tables())
     path = tables.save("sharded", dict(args=vars(args), results=results), ROOT)
     print(f"\nsaved {path} ({time.perf_counter() - started:.0f} s in all)")
 
