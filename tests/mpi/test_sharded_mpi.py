@@ -193,17 +193,24 @@ def test_state_bytes_are_what_the_allocations_hold(comm, dataset, exchange):
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_local_drift_pairs_sharded_equal_allgather_over_a_few_steps(comm, dataset, model):
+def test_local_drift_pairs_are_exchanged_alike(comm, dataset, model):
     """``pairs = "local"``: y = g_r(theta_r) moves whole and every rank subtracts its part
-    of the average after the Alltoall. Two steps only: local pairs sum to zero, so sym(S^T Y)
-    has an eigenvalue of round-off size, and when the others are negative the curvature
-    filter keeps or drops it by its sign (seen on 3 ranks here: 1.7e-18 against 2.2e-18 at
-    the third step), in either layout: the method is that sensitive, the layouts are not
-    what differs."""
+    of the average after the Alltoall. The first step's pairs (formed from the same theta
+    in both layouts) must agree to round-off, W gathered whole and the Gram matrix. Not the
+    steps after: local pairs sum to zero, so sym(S^T Y) has an eigenvalue of round-off size,
+    and when the others are negative the curvature filter keeps or drops it by its sign
+    (seen on 3 ranks: 1.7e-18 in one layout, 2.2e-18 in the other), so the trajectories part
+    after a step or two in either layout; the method is that sensitive."""
     sets = [*MODELS[model], *SECANT, "optim.pairs=local", "optim.local_steps=3"]
-    tr = {}
+    state = {}
     for exchange in ("allgather", "sharded"):
-        tr[exchange] = training(dataset, comm, sets, exchange)
-        for step in range(2):
-            tr[exchange].step(step)
-    assert_checks(comm, compare(tr["allgather"], tr["sharded"]))
+        tr = training(dataset, comm, sets, exchange)
+        tr.step(0)
+        state[exchange] = tr.optimizer.state()      # a collective: W gathered on rank 0
+    checks = []
+    if comm.rank == 0:
+        for key in ("W", "gram"):
+            a, b = state["allgather"][key], state["sharded"][key]
+            checks.append((a.shape == b.shape and a[1:].any()
+                           and rel(b, a) <= TOL, f"{key}: rel {rel(b, a):.2e}"))
+    assert_checks(comm, checks)
