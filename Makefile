@@ -68,6 +68,7 @@ test-slurm: install
 
 bench: install
 	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/sharded.py
 	$(BIN)/python benchmarks/secant_step.py
 	$(BIN)/python benchmarks/checkpoint.py
 	$(BIN)/python benchmarks/convergence.py --quick

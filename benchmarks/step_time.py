@@ -2,14 +2,18 @@
 
     .venv/bin/python benchmarks/step_time.py            (what `make bench` runs)
     .venv/bin/python benchmarks/step_time.py --ranks 1 2 --reps 7 --steps 200
+    .venv/bin/python benchmarks/step_time.py --ranks 2 --intranode mpi window
 
 Launches itself under mpiexec once per rank count. Each rank builds a hessmpi Training (the
 MLP on mnist-t10k, batch 64 per rank, SGD momentum 0.9) and runs its steps by their public
 parts (hessmpi.bench.split.sgd_step: batch gather, gradient, Allreduce, averaging, update),
 interleaved with the gradient's own 8 matrix products alone (same shapes, threads, and
 ranks at once), the rate the gradient is held to. BLAS threads as `hessmpi train` chooses
-them. Prints tables; every figure per rank and repetition goes to
-bench-results/step_time.json. See benchmarks/README.md.
+them. The gradient's Allreduce is MPI's own (`--intranode mpi`, what `hessmpi train` does
+by default) or goes through the node's shared-memory window (`window`); given both, each
+rank count runs with each, one after the other (benchmarks/sharded.py interleaves
+them in one job, the fairer comparison on a loaded machine). Prints tables; every figure
+per rank and repetition goes to bench-results/step_time.json. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def worker(spec: dict) -> dict:
     from hessmpi import config
     from hessmpi.trainer import Training
 
-    comm, backend = launch.context()
+    comm, backend = launch.context(intranode=spec.get("intranode", "mpi"))
     cfg = config.from_dict({"data": {"path": spec["data"]}, "model": {
         "name": "mlp", "hidden": SIZES[1:-1], "l2": 1e-4}, "optim": {"lr": LR},
         "train": {"batch_size": BATCH}, "backend": {"device": "cpu", "threads":
@@ -89,15 +93,15 @@ def worker(spec: dict) -> dict:
         wall = perf() - start
         return wall / k, (timing.run_delay() - delay) / wall
 
-    buf = np.zeros(model.n_params + 2, dtype=np.float32)
-
     def allreduce_alone(k: int) -> float:
+        """Seconds inside the collective of Objective.reduce_gradient (the step's own
+        buffer: the window's segment with --intranode window), each right after a Barrier."""
         total = 0.0
         for _ in range(k):
             comm.barrier()
-            t0 = perf()
-            comm.allreduce_sum_(buf)
-            total += perf() - t0
+            before = comm.seconds
+            tr.objective.reduce_gradient(0.0)
+            total += comm.seconds - before
         return total / k
 
     warm = perf()
@@ -123,7 +127,8 @@ def worker(spec: dict) -> dict:
     mine = dict(rank=comm.rank, threads=backend.threads, reps=reps, peak_matmul_flops=peak,
                 read_sum_bytes_per_s=bandwidth)
     return dict(ranks=comm.size, n_params=model.n_params, steps_per_rep=k,
-                allreduce_bytes=buf.nbytes, data_source=tr.train_shard.source,
+                allreduce_bytes=(model.n_params + 2) * 4, data_source=tr.train_shard.source,
+                collective=tr.objective.gradient_collective,
                 per_rank=comm.allgather(mine))
 
 
@@ -176,11 +181,11 @@ def report(runs: list, flops: dict, args) -> None:
           "warm-up steps; microseconds per step, median [min-max over repetitions], mean "
           "over ranks" + (f" (shortened from {args.steps} steps to fit --budget)"
                           if done != [args.steps] else "") + "\n")
-    rows = [[r["ranks"], r["s"]["threads_per_rank"], *(us(r["s"][p]) for p in (
+    rows = [[r["ranks"], r["intranode"], r["s"]["threads_per_rank"], *(us(r["s"][p]) for p in (
         "step", "grad", "allreduce", "update", "other")), f"{r['s']['samples_per_s']:.0f}",
         f"{sum(r['s']['quiet_reps'])}/{len(r['s']['quiet_reps'])}"] for r in runs]
-    print(tables.table(["ranks", "thr", "step", "gradient", "Allreduce", "update", "other*",
-                        "samples/s", "quiet**"], rows))
+    print(tables.table(["ranks", "intranode", "thr", "step", "gradient", "Allreduce",
+                        "update", "other*", "samples/s", "quiet**"], rows))
     print("  * other = batch gather x[idx], y[idx] + averaging /= size + loss read-back")
     print(f"  ** repetitions in which no rank waited for a CPU more than {QUIET_RUN_DELAY:.0%} "
           "of the wall time (run delay); with half or fewer quiet the verdicts read UNRELIABLE")
@@ -195,13 +200,15 @@ def report(runs: list, flops: dict, args) -> None:
     print(tables.table(
         ["ranks", "gradient GFLOP/s", "its 8 matmuls alone", "ratio", "matmuls alone (us)",
          f"target ratio >= {TARGET_RATIO:.2f}"],
-        [[r["ranks"], spread(r["s"]["grad_gflops"]), spread(r["s"]["matmul_gflops"]),
+        [[f"{r['ranks']} {r['intranode']}", spread(r["s"]["grad_gflops"]),
+          spread(r["s"]["matmul_gflops"]),
           spread(r["s"]["ratio"], ".2f"), us(r["s"]["matmuls"]),
           verdict(r["s"]["ratio"]["median"] >= TARGET_RATIO, r["s"])] for r in runs]))
     print()
     for r in runs:
         s, sh = r["s"], r["s"]["allreduce_share"]
-        print(f"Allreduce at {r['ranks']} rank(s): {sh['median']:.1%} of the step "
+        print(f"Allreduce at {r['ranks']} rank(s), {r['raw']['collective']}: "
+              f"{sh['median']:.1%} of the step "
               f"[{sh['min']:.1%}-{sh['max']:.1%}]; alone after a Barrier "
               f"{s['allreduce_alone']['median'] * 1e6:.0f} us "
               f"({first['allreduce_bytes'] / 1e6:.2f} MB)" + (
@@ -210,7 +217,8 @@ def report(runs: list, flops: dict, args) -> None:
     print("\ncontext (per rank; ranks measured at once):")
     for r in runs:
         s = r["s"]
-        print(f"  {r['ranks']} rank(s) x {s['threads_per_rank']} thread(s): float32 1024^3 "
+        print(f"  {r['ranks']} rank(s) {r['intranode']} x {s['threads_per_rank']} thread(s): "
+              "float32 1024^3 "
               f"matmul {', '.join(f'{p:.1f}' for p in s['peak_gflops'])} GFLOP/s (sum "
               f"{sum(s['peak_gflops']):.1f}); read-and-sum of 256 MiB "
               f"{', '.join(f'{b:.1f}' for b in s['read_gb_s'])} GB/s (sum "
@@ -232,16 +240,23 @@ def main(argv=None) -> None:
     ap.add_argument("--wait-idle", type=float, default=30,
                     help="seconds to wait for a quiet machine before each run")
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--intranode", nargs="+", choices=("mpi", "window"), default=["mpi"],
+                    help="the gradient's collective: MPI's own Allreduce (mpi, as hessmpi "
+                         "train by default) and/or the shared-memory window")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     data = str(datasets.dataset("mnist-t10k", ROOT))
     flops = gradient_flops(SIZES, BATCH)
     runs = []
     for ranks in args.ranks:
-        busy = timing.wait_for_idle(args.wait_idle)
-        print(f"step_time: {ranks} rank(s) (CPUs {busy:.0%} busy just before) ...", flush=True)
-        raw = launch.launch(__file__, dict(vars(args), data=data), ranks, timeout=args.timeout)
-        runs.append(dict(ranks=ranks, busy_before=busy, s=summarise(raw, flops), raw=raw))
+        for intranode in (args.intranode if ranks > 1 else args.intranode[:1]):
+            busy = timing.wait_for_idle(args.wait_idle)
+            print(f"step_time: {ranks} rank(s), intranode {intranode} (CPUs {busy:.0%} busy "
+                  "just before) ...", flush=True)
+            raw = launch.launch(__file__, dict(vars(args), data=data, intranode=intranode),
+                                ranks, timeout=args.timeout)
+            runs.append(dict(ranks=ranks, intranode=intranode, busy_before=busy,
+                             s=summarise(raw, flops), raw=raw))
     report(runs, flops, args)
     path = tables.save("step_time", dict(args=vars(args), flops=flops, runs=runs), ROOT)
     print(f"\nsaved {path} ({time.perf_counter() - started:.0f} s in all)")

@@ -119,7 +119,11 @@ def _parser() -> argparse.ArgumentParser:
     for q in (dg, *idx, ds):
         q.add_argument("--out", type=Path, required=True, help="dataset file to write")
 
-    sub.add_parser("info", help="versions, MPI library, BLAS, GPU")
+    i = sub.add_parser("info", help="versions, MPI library, BLAS, GPU; with RUN, how that run "
+                       "was laid out over its ranks")
+    i.add_argument("run", nargs="?", type=Path, metavar="RUN",
+                   help="a run directory: also its exchange, optimizer state bytes per rank "
+                        "and gradient collective (from RUN/metrics.h5)")
     return p
 
 
@@ -169,6 +173,7 @@ def _train(args) -> int:
         if backend.name == "cupy" and len(set(gpus)) < len(gpus) and not bcfg["share_gpus"]:
             raise UsageError(f"{len(gpus)} ranks share {len(set(gpus))} GPU(s): start one "
                              "rank per GPU, or set backend.share_gpus = true")
+        comm.intranode = bcfg["intranode"]
         if backend.name == "cupy":
             path = bcfg["mpi_device_path"]
             comm.device_path = (("direct" if cuda_aware_mpi() else "staged") if path == "auto"
@@ -340,9 +345,11 @@ def _data(args) -> int:
 
 
 def _info(args) -> int:
-    from hessmpi.info import describe
+    from hessmpi.info import describe, describe_run
 
     print(describe())
+    if args.run is not None:
+        print(describe_run(args.run))
     return 0
 
 

@@ -263,8 +263,11 @@ SCHEMA: dict[str, dict[str, Option]] = {
                               "worker sleeps after each gradient, one value for every worker "
                               "or one per worker (ranks 1, 2, ...)", low=0.0,
                               applies=_on(*ASYNCHRONOUS)),
-        "exchange": Option("allgather", "str", "how pairs move between ranks",
-                           choices=("allgather",), applies=_on(*QUASI_NEWTON)),
+        "exchange": Option("allgather", "str", "how the optimizer's state is laid out and "
+                           "pairs move: allgather (every rank holds it whole) or sharded "
+                           "(each rank holds 1/P of every n-vector: ALGORITHM.md s.4); not "
+                           "for hessian_free, entropy_sgd or adam",
+                           choices=("allgather", "sharded"), applies=_on(SGD, *QUASI_NEWTON)),
         "check_every": Option(100, "int", "steps between checks that all ranks hold identical "
                               "parameters (0: never)", low=0, applies=_on(*SYNCHRONOUS)),
     },
@@ -296,6 +299,10 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "threads": Option(0, "int", "BLAS threads per rank (0: node cores / ranks on the node)",
                           low=0),
         "share_gpus": Option(False, "bool", "allow more ranks than GPUs on a node"),
+        "intranode": Option("mpi", "str", "the gradient's collective: mpi (MPI's own "
+                            "Allreduce / Reduce_scatter) or window (through an MPI-3 "
+                            "shared-memory window of each node's ranks, two-level across "
+                            "nodes, where it applies)", choices=("mpi", "window")),
         "mpi_device_path": Option("auto", "str", "how GPU buffers reach MPI: direct (a "
                                   "CUDA-aware MPI), staged (through pinned host buffers), or "
                                   "auto (direct if the MPI library says it is CUDA-aware)",

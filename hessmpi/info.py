@@ -52,5 +52,40 @@ def describe() -> str:
         f"cores     {len(os.sched_getaffinity(0))} available to this process",
         f"cupy      {_version('cupy')}",
         f"GPUs      {_gpus()}",
+        "exchanges allgather (every rank holds the optimizer state whole), sharded (1/P of "
+        "every n-vector per rank): optim.exchange",
+        f"intranode gradient through an MPI-3 shared-memory window of each node's ranks "
+        f"(backend.intranode = window): "
+        f"{'available' if MPI.Get_version() >= (3, 0) else 'not available (MPI < 3)'}; "
+        "a run's metrics.h5 says what it used (hessmpi info RUN)",
+    ]
+    return "\n".join(lines)
+
+
+def describe_run(out) -> str:
+    """Lines: how the run in directory ``out`` was laid out over its ranks, from its
+    metrics.h5 (UsageError naming the file if there is none or it is damaged)."""
+    from pathlib import Path
+
+    from hessmpi import config
+    from hessmpi.errors import UsageError
+    from hessmpi.metrics import read_metrics
+
+    path = Path(out) / "metrics.h5"
+    try:
+        attrs, _ = read_metrics(path)
+    except FileNotFoundError:
+        raise UsageError(f"{out} holds no run (no metrics.h5)") from None
+    cfg = config.from_toml(attrs["config"])
+    state = attrs.get("state_bytes_per_rank")
+    exchange = attrs.get("exchange", cfg["optim"]["exchange"])
+    lines = [
+        f"run       {out}: {cfg['optim']['name']} on {attrs.get('mpi_size', '?')} rank(s), "
+        f"{attrs.get('n_params', '?')} parameters, {attrs.get('status', '?')}",
+        f"exchange  {exchange}",
+        "state     " + (f"{int(state):,} bytes per rank ({int(state) / 2**20:.2f} MiB; the "
+                        "optimizer's arrays on its largest rank)" if state is not None
+                        else "not recorded (a run of an earlier version)"),
+        f"gradient  {attrs.get('gradient_collective', 'not recorded')}",
     ]
     return "\n".join(lines)

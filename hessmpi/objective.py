@@ -28,7 +28,11 @@ class Objective:
     full_batch: every rank's batch is its whole shard (then F is the training objective).
 
     ``grad`` (n,): after :meth:`local_gradient`, this rank's gradient; after
-    :meth:`reduce_gradient`, the average over the ranks. Counters, per rank and cumulative:
+    :meth:`reduce_gradient`, the average over the ranks. ``exchange``: the reduction mode
+    (:mod:`hessmpi.optim.exchange`, set by the optimizer): averaged n-vectors are delivered
+    as this rank's part of them, ``grad_part`` for the gradient (with ``allgather`` the
+    part is the whole: ``grad_part`` is ``grad``; ``sharded``: a reduce-scatter fills only
+    ``grad_part``, and :meth:`whole_gradient` gathers the rest). Counters, per rank and cumulative:
     ``grad_evals`` (an evaluation on r of the batch's B rows counts r / B), ``forward_evals``,
     ``curvature_evals``; ``seconds``: wall time inside model evaluations. ``stop_flag``:
     this rank's value sent with the next gradient Allreduce; ``stop_requested``: whether any
@@ -40,9 +44,13 @@ class Objective:
         self._shard_x, self._shard_y, self._sampler = x, y, sampler
         self.full_batch = full_batch
         n = model.n_params
-        # one Allreduce carries the gradient (n), the loss and the stop flag
-        self._buf = self.xp.zeros(n + 2, dtype=model.dtype)
+        # one Allreduce carries the gradient (n), the loss and the stop flag; the buffer may
+        # be this rank's segment of the node's shared-memory window (comm.gradient_buffer)
+        self._buf = comm.gradient_buffer(n + 2, model.dtype, self.xp, owner=self)
         self.grad = self._buf[:n]
+        self.grad_part = self.grad
+        self._grad_whole = False  # grad holds the whole averaged gradient
+        self._work = None         # (n,) scratch of a sharded reduction
         self._scalar = np.zeros(1)
         self._trial = None        # (n + 1,): a trial point's gradient and loss
         self._adopted = False     # _trial holds the gradient at the next step's point
@@ -54,6 +62,26 @@ class Objective:
         self.seconds = 0.0
         self.stop_flag = 0
         self.stop_requested = False
+        from hessmpi.optim.exchange import AllgatherExchange
+
+        self.exchange = AllgatherExchange(comm, n)
+
+    def use_exchange(self, exchange) -> None:
+        """Deliver averaged n-vectors in ``exchange``'s layout from now on (this rank's
+        part of them: reduce-scatter where the part is less than the whole)."""
+        self.exchange = exchange
+        self.grad_part = exchange.part_buffer(self.grad)
+        if exchange.part_size != self.model.n_params:
+            self._work = self.xp.zeros(self.model.n_params, dtype=self.model.dtype)
+
+    @property
+    def gradient_collective(self) -> str:
+        """How the step's gradient is reduced, in words (the results file's attribute)."""
+        return self.comm.gradient_path(self._buf, sharded=self.grad_part is not self.grad)
+
+    def _whole_for(self, out):
+        """``out`` itself if it is whole (n,), else the scratch the reduction starts from."""
+        return out if out.shape[-1] == self.model.n_params else self._work
 
     # ----- the step's batch ---------------------------------------------------------------
     def next_batch(self) -> None:
@@ -93,19 +121,23 @@ class Objective:
         written into ``out`` (default ``grad``); no collective."""
         x, y = (self.x, self.y) if rows is None else (self.x[rows], self.y[rows])
         self.grad_evals += len(y) / self.batch_rows
-        return float(self._timed(self.model.loss_grad, theta, x, y,
-                                 self.grad if out is None else out))
+        if out is None:
+            out, self._grad_whole = self.grad, False
+        return float(self._timed(self.model.loss_grad, theta, x, y, out))
 
     def reduce_gradient(self, local_loss: float) -> float:
         """Average ``grad`` and the loss over the ranks (one Allreduce, which also carries
-        the stop flag); returns the global loss. NonFiniteLoss on every rank if it is NaN or
+        the stop flag; sharded: a reduce-scatter into ``grad_part`` and an Allreduce of the
+        two scalars); returns the global loss. NonFiniteLoss on every rank if it is NaN or
         infinite."""
         n = self.model.n_params
         self._buf[n] = local_loss
         self._buf[n + 1] = self.stop_flag
-        self.comm.allreduce_sum_(self._buf)
+        self.exchange.sum_(self._buf, n, self.grad_part)
         self.stop_requested = bool(self._buf[n + 1] != 0)
-        self._buf /= self.comm.size
+        self.grad_part /= self.comm.size
+        self._buf[n:] /= self.comm.size
+        self._grad_whole = self.grad_part is self.grad
         loss = float(self._buf[n])
         if not math.isfinite(loss):
             raise NonFiniteLoss(loss)
@@ -121,16 +153,32 @@ class Objective:
         self._adopted = False
         n = self.model.n_params
         self.grad[...] = self._trial[:n]
+        if self.grad_part is not self.grad:
+            self.grad_part[...] = self.exchange.part(self.grad)
+        self._grad_whole = True
         self._flag[0] = self.stop_flag
         self.comm.allreduce_sum_(self._flag)
         self.stop_requested = bool(self._flag[0] != 0)
         return float(self._trial[n])
 
+    def whole_gradient(self):
+        """The averaged gradient (n,) whole: ``grad``, gathered from the ranks' parts first
+        if only this rank's part of it is known (sharded, after a reduce-scatter)."""
+        if not self._grad_whole:
+            self.exchange.whole(self.grad_part, self.grad)
+            self._grad_whole = True
+        return self.grad
+
+    def grad_norm(self) -> float:
+        """||the averaged gradient|| of the step (sharded: a collective)."""
+        return self.exchange.norm(self.grad_part)
+
     def mean_gradient_at(self, point, out) -> None:
-        """``out`` (n,) <- the averaged gradient at ``point`` on the step's batch (one
-        Allreduce of n)."""
-        self.local_gradient(point, out)
-        self.comm.allreduce_sum_(out)
+        """``out`` <- this rank's part ((n,) with allgather) of the averaged gradient at
+        ``point`` on the step's batch (one Allreduce of n, or a reduce-scatter)."""
+        whole = self._whole_for(out)
+        self.local_gradient(point, whole)
+        self.exchange.sum_(whole, self.model.n_params, out)
         out /= self.comm.size
 
     def value(self, point) -> float:
@@ -160,13 +208,15 @@ class Objective:
         return float(self._trial[n]), self._trial[:n]
 
     def curvature_product(self, theta, v, out, rows: slice | None = None) -> None:
-        """``out`` (n,) <- G v, the Gauss-Newton matrix of F on the step's global batch (or
-        on ``rows`` of every rank's part) at ``theta`` times ``v``: one R-operator pass per
-        rank, one Allreduce of n; counted like gradients, r / B for r of B rows."""
+        """``out`` <- this rank's part ((n,) with allgather) of G v, the Gauss-Newton matrix
+        of F on the step's global batch (or on ``rows`` of every rank's part) at ``theta``
+        (n,) times ``v`` (n,): one R-operator pass per rank, one Allreduce of n (or a
+        reduce-scatter); counted like gradients, r / B for r of B rows."""
         x, y = (self.x, self.y) if rows is None else (self.x[rows], self.y[rows])
         self.curvature_evals += len(y) / self.batch_rows
-        self._timed(self.model.curvature_product, theta, v, x, y, out)
-        self.comm.allreduce_sum_(out)
+        whole = self._whole_for(out)
+        self._timed(self.model.curvature_product, theta, v, x, y, whole)
+        self.exchange.sum_(whole, self.model.n_params, out)
         out /= self.comm.size
 
     def fisher_diagonal(self, theta, out, rows: slice | None = None) -> None:

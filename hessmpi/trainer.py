@@ -31,7 +31,7 @@ from hessmpi.errors import NonFiniteLoss, RunFailed, RunStopped, UsageError
 from hessmpi.metrics import DIAGNOSTICS, MetricsFile
 from hessmpi.models import model_for, model_identity
 from hessmpi.objective import Objective
-from hessmpi.optim import StepInfo, build_optimizer
+from hessmpi.optim import StepInfo, build_optimizer, state_bytes
 from hessmpi.optim.schedule import Schedule
 from hessmpi.progress import Progress
 from hessmpi.watch import Watch
@@ -215,8 +215,11 @@ class Run(Training):
                                  f"--set train.steps=N with N > {self.start_step}")
         self.metrics = None
         self.writer = BackgroundWriter(out, cfg["checkpoint"]["keep"])
+        held = comm.max(state_bytes(self.optimizer))   # the largest part's rank
         if comm.rank == 0:
-            attrs = run_attributes(cfg, comm, backend, self.model.n_params, train.source)
+            attrs = {**run_attributes(cfg, comm, backend, self.model.n_params, train.source),
+                     "exchange": self.objective.exchange.name, "state_bytes_per_rank": held,
+                     "gradient_collective": self.objective.gradient_collective}
             path = out / "metrics.h5"
             self.metrics = (MetricsFile.reopen(path, self.start_step, attrs) if resume
                             else MetricsFile(path, attrs))
@@ -226,13 +229,14 @@ class Run(Training):
         """(arrays, attrs) of a checkpoint after ``step`` steps on rank 0, None elsewhere;
         a collective (every rank's sampler position)."""
         samplers = self.comm.allgather((self.sampler.epoch, self.sampler.position))
+        optim_state = self.optimizer.state()   # sharded: gathers the parts on rank 0
         if self.comm.rank != 0:
             return None
         def host(a):  # a copy the background writer may keep while training goes on
             return np.array(self.backend.to_host(a), copy=True)
 
         arrays = {"params": host(self.theta), "sampler": np.array(samplers, dtype=np.int64)}
-        arrays.update({f"optim/{k}": host(v) for k, v in self.optimizer.state().items()})
+        arrays.update({f"optim/{k}": host(v) for k, v in optim_state.items()})
         arrays.update({f"objective/{k}": host(v) for k, v in self.objective.state().items()})
         attrs = {"step": step, "epoch": self.sampler.epochs_done,
                  **self.objective.counters(), "wall_time": wall,
@@ -382,7 +386,7 @@ class Run(Training):
                     "forward_evals": self.objective.forward_evals,
                     "curvature_evals": self.objective.curvature_evals,
                     **{k: info.diagnostics.get(k, math.nan) for k in DIAGNOSTICS},
-                    "grad_norm": float(self.backend.xp.linalg.norm(self.objective.grad)),
+                    "grad_norm": self.objective.grad_norm(),
                     "step_norm": self.optimizer.last_step_norm, "fallback": info.fallback,
                     "rank_kept": info.rank_kept, "t_grad": interval.mean("t_grad"),
                     "t_comm": interval.mean("t_comm"), "t_solve": interval.mean("t_solve"),

@@ -120,10 +120,13 @@ def script(worker, main, argv: list[str] | None = None) -> None:
         main()
 
 
-def context(device: str = "cpu", dtype: str = "float32", threads: int = 0, *, world=None):
+def context(device: str = "cpu", dtype: str = "float32", threads: int = 0, *, world=None,
+            intranode: str = "mpi"):
     """(Communicator, Backend) of this rank over ``world`` (default COMM_WORLD), chosen as
     ``hessmpi train`` chooses them: BLAS threads = the node's cores shared by its ranks
-    unless ``threads`` > 0; the GPU local_rank % GPUs; CUDA-aware MPI used when detected."""
+    unless ``threads`` > 0; the GPU local_rank % GPUs; CUDA-aware MPI used when detected;
+    ``intranode``: the gradient's collective, "mpi" or "window" (the shared-memory
+    window)."""
     from mpi4py import MPI
 
     from hessmpi.backend import blas_threads, make_backend, node_layout
@@ -132,7 +135,7 @@ def context(device: str = "cpu", dtype: str = "float32", threads: int = 0, *, wo
     world = MPI.COMM_WORLD if world is None else world
     local_rank, _, affinities = node_layout(world)
     threads = threads or blas_threads(local_rank, affinities)
-    comm = Communicator(world)
+    comm = Communicator(world, intranode=intranode)
     backend = make_backend(device, dtype, threads, local_rank=local_rank)
     if backend.name == "cupy":
         comm.device_path = "direct" if cuda_aware_mpi() else "staged"

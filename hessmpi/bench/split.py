@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from hessmpi.optim.exchange import build_exchange
+from hessmpi.optim.exchange import exchange_for
 from hessmpi.optim.memory import PairMemory
 from hessmpi.optim.pairs import build_pair_source
 from hessmpi.optim.quasi_newton import direction
@@ -35,7 +35,7 @@ def sgd_step(theta, objective, sgd, lr: float, *, now=time.perf_counter, sync=_n
     before = comm.seconds
     objective.reduce_gradient(loss)
     t3 = now()
-    sgd.update(theta, objective.grad, lr)
+    sgd.update(theta, objective.grad_part, lr)
     sync()
     t4 = now()
     allreduce = comm.seconds - before
@@ -47,20 +47,23 @@ class SplitSecant:
     """The secant method with probe pairs and no line search (``opts``: the typed options
     of ``optim.name = "secant"``), stepped by its parts: the same pair source, pair memory,
     step rule, clip and momentum as :class:`~hessmpi.optim.Secant`, in the same order, so
-    its steps equal Secant's. ``memory``: the :class:`PairMemory` (W, gram, ring)."""
+    its steps equal Secant's, in the layout of ``opts.exchange``. ``memory``: the
+    :class:`PairMemory` (W, gram, ring)."""
 
     def __init__(self, theta, objective, opts, *, seed: int = 0):
         if opts.pairs != "probe" or opts.line_search != "none":
             raise ValueError("SplitSecant runs probe pairs without a line search")
         xp, n, comm = objective.xp, theta.shape[0], objective.comm
         self.o, self.xp = opts, xp
+        self.exchange = x = exchange_for(opts, objective, n)
         self.source = build_pair_source(opts, n=n, comm=comm, seed=seed,
                                         full_batch=objective.full_batch, xp=xp,
-                                        dtype=theta.dtype,
-                                        exchange=build_exchange(opts.exchange, comm))
+                                        dtype=theta.dtype, exchange=x)
+        own = comm.rank if self.source.contributors > 1 else 0
         self.memory = PairMemory(n, contributors=self.source.contributors, k=self.source.k,
-                                 slots=opts.memory, own=comm.rank, xp=xp, dtype=theta.dtype)
-        self.velocity, self.u = theta * 0, theta * 0
+                                 slots=opts.memory, own=own, xp=xp, dtype=theta.dtype,
+                                 exchange=x)
+        self.velocity, self.u = x.part(theta) * 0, x.part(theta) * 0
         self.steps = self.fallbacks = 0
 
     def step(self, theta, objective, lr: float, *, now=time.perf_counter, sync=_none,
@@ -69,8 +72,11 @@ class SplitSecant:
         gradient), probe (the pair's probe gradient), reduce (the gradient's Allreduce),
         pairs (damping, exchange, commit, g into W, the row indices), gram (the Gram
         update), solve (the (2m+1)^2 Gram matrix to the host and the direction), comb (the
-        combination over n, the clip, momentum, theta -= v); comm: seconds inside
-        collectives; fallback: whether it took the SGD step."""
+        combination over n, the clip, momentum, theta -= v, and with ``sharded`` the
+        Allgather of theta); comm: seconds inside collectives; comm_after_reduce,
+        comm_cpu_after_reduce: wall and this thread's CPU seconds inside the collectives
+        of the parts after the reduction (pairs to comb); fallback: whether it took the
+        SGD step."""
         o, memory, source, xp = self.o, self.memory, self.source, self.xp
         comm_before = objective.comm.seconds
         t0 = now()
@@ -81,8 +87,9 @@ class SplitSecant:
         before("reduce")
         t2b = now()
         objective.reduce_gradient(loss)
-        grad = objective.grad
+        grad = objective.grad_part
         t3 = now()
+        comm_wall, comm_cpu = objective.comm.seconds, objective.comm.cpu_seconds
         slot = source.after_reduce(theta, grad, memory, o.damping, self.velocity)
         memory.set_gradient(grad)
         s_idx, y_idx = memory.pair_indices()   # the ring's rows do not move in the update
@@ -107,7 +114,7 @@ class SplitSecant:
             coef *= o.newton_lr
             memory.combine(coef, out=u)
             limit = o.newton_lr * o.max_step_ratio * lr * float(gram[0, 0]) ** 0.5
-            u_norm = float(xp.linalg.norm(u))
+            u_norm = self.exchange.norm(u)
             if u_norm > limit:
                 u *= limit / u_norm
         else:
@@ -116,10 +123,12 @@ class SplitSecant:
         v = self.velocity
         v *= o.momentum
         v += u
-        theta -= v
+        self.exchange.move(theta, v)
         self.steps += 1
         sync()
         t9 = now()
         return dict(grad=t1 - t0, probe=t2 - t1, reduce=t3 - t2b, pairs=t4 - t3, gram=t6 - t5,
                     solve=t7 - t6, comb=t9 - t8, comm=objective.comm.seconds - comm_before,
+                    comm_after_reduce=objective.comm.seconds - comm_wall,
+                    comm_cpu_after_reduce=objective.comm.cpu_seconds - comm_cpu,
                     fallback=d.reason is not None)

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 from hessmpi.models.protocol import require_curvature
 from hessmpi.optim.adam import Adam
-from hessmpi.optim.base import Optimizer, StepInfo
+from hessmpi.optim.base import Optimizer, StepInfo, state_bytes
 from hessmpi.optim.deflated import Deflated
 from hessmpi.optim.entropy_sgd import EntropySGD
+from hessmpi.optim.exchange import exchange_for
 from hessmpi.optim.hessian_free import HessianFree
 from hessmpi.optim.secant import Secant
 from hessmpi.optim.sgd import SGD
 
 __all__ = ["SGD", "Adam", "Deflated", "EntropySGD", "HessianFree", "Optimizer", "Secant",
-           "StepInfo", "build_optimizer"]
+           "StepInfo", "build_optimizer", "state_bytes"]
 
 #: The optimizers by ``optim.name`` (SGD is built from its options alone).
 METHODS = {"secant": Secant, "deflated": Deflated, "hessian_free": HessianFree,
@@ -35,7 +36,8 @@ def build_optimizer(opts, theta, objective, *, seed: int) -> Optimizer:
     ``needs_curvature = True`` refuses a model without curvature products (UsageError)."""
     if opts.name == "sgd":
         return SGD(theta, momentum=opts.momentum, weight_decay=opts.weight_decay,
-                   nesterov=opts.nesterov)
+                   nesterov=opts.nesterov,
+                   exchange=exchange_for(opts, objective, theta.shape[0]))
     if opts.name == "adam":
         return Adam(theta, beta1=opts.momentum, beta2=opts.adam_beta2, eps=opts.adam_eps)
     if opts.name in ("asgd", "dcasgd"):

@@ -43,3 +43,36 @@ class Optimizer(Protocol):
     @property
     def last_step_norm(self) -> float:
         """||theta_new - theta_old|| of the last step."""
+
+
+def state_bytes(optimizer) -> int:
+    """Bytes of every array ``optimizer`` holds on this rank: its state and its work buffers,
+    those of its parts (pair source, pair memory, line search, exchange) included, each
+    buffer counted once (a view by the array it views). Counted from the objects, not from
+    what a method declares; the objective's buffers are not the optimizer's."""
+    seen: set[int] = set()
+    buffers: dict[int, int] = {}
+
+    def visit(value) -> None:
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif _is_array(value):
+            base = value
+            while _is_array(getattr(base, "base", None)):
+                base = base.base
+            buffers[id(base)] = int(base.nbytes)
+        elif type(value).__module__.startswith("hessmpi.optim") and id(value) not in seen:
+            seen.add(id(value))
+            visit(vars(value) if hasattr(value, "__dict__") else ())
+
+    visit(optimizer)
+    return sum(buffers.values())
+
+
+def _is_array(value) -> bool:
+    kind = type(value)
+    return kind.__name__ == "ndarray" and kind.__module__.split(".")[0] in ("numpy", "cupy")

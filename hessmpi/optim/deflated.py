@@ -7,7 +7,9 @@ Every ``probe_every`` steps (a refresh) rank r probes its k columns v of the bas
 minibatch, y = (grad(theta + eps v) - grad(theta)) / eps, and the slot's Allgather gives
 every rank V and Y ~ H V. Rayleigh-Ritz on sym(V^T Y) gives the Ritz pairs; the next basis
 is orth(Y Q) (Cholesky-QR on the Gram matrix). The pair memory holds one slot:
-rows [g; per rank: k V-rows, k Y-rows].
+rows [g; per rank: k V-rows, k Y-rows]. With ``optim.exchange = "sharded"`` W, the momentum
+and the Newton step are this rank's parts, and a rank's next basis columns are formed part
+by part on every rank and moved to it by the exchange (``combine_to_owners``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from hessmpi.optim.base import StepInfo
-from hessmpi.optim.exchange import build_exchange
+from hessmpi.optim.exchange import exchange_for
 from hessmpi.optim.memory import PairMemory
 from hessmpi.optim.quasi_newton import deflation
 from hessmpi.optim.secant import fallback_counts, load_common
@@ -52,11 +54,9 @@ class BasisProbes:
             return
         v_rows, y_rows = memory.own_rows(0)
         if self.next_basis is not None:   # orth(Y Q) from the last refresh's pairs
-            coef = np.zeros((k, memory.active))
-            mine = slice(k * self.rank, k * (self.rank + 1))
-            coef[:, memory.pair_indices()[1]] = self.next_basis[:, mine].T
-            xp.matmul(xp.asarray(coef, dtype=memory.W.dtype), memory.W[:memory.active],
-                      out=self._next_v)
+            coef = np.zeros((self.contributors * k, memory.active))
+            coef[:, memory.pair_indices()[1]] = self.next_basis.T
+            self.exchange.combine_to_owners(memory, coef, self._next_v)
         eps = self.o.probe_sigma * max(float(xp.linalg.norm(theta)), 1.0)
         for j in range(k):
             v_rows[j] = self._next_v[j]
@@ -70,7 +70,7 @@ class BasisProbes:
                      ) -> int | None:
         if not self.forming:
             return None
-        self.exchange.share(memory.slot(0))
+        self.exchange.share(memory, 0)
         return memory.commit()
 
     def after_step(self, theta, objective, memory, last_step) -> None:
@@ -86,13 +86,14 @@ class Deflated:
     def __init__(self, theta, objective, opts, *, seed: int):
         xp, n, comm = objective.xp, theta.shape[0], objective.comm
         self.o, self.xp = opts, xp
+        self.exchange = x = exchange_for(opts, objective, n)
         self.source = BasisProbes(opts, n=n, comm=comm, seed=seed, xp=xp, dtype=theta.dtype,
-                                  exchange=build_exchange(opts.exchange, comm))
+                                  exchange=x)
         self.memory = PairMemory(n, contributors=comm.size, k=opts.pairs_per_rank, slots=1,
-                                 own=comm.rank, xp=xp, dtype=theta.dtype)
-        self.velocity = theta * 0
-        self.newton_step = theta * 0
-        self._u = theta * 0
+                                 own=comm.rank, xp=xp, dtype=theta.dtype, exchange=x)
+        self.velocity = x.part(theta) * 0
+        self.newton_step = x.part(theta) * 0
+        self._u = x.part(theta) * 0
         self.steps = 0
         self.counts = fallback_counts()
 
@@ -102,7 +103,8 @@ class Deflated:
         m, memory = self.memory.m, self.memory
         nxt = self.source.next_basis
         ring = [memory.filled, memory.next_slot, self.steps, 0]
-        return {"velocity": self.velocity, **memory.state(), "ring": np.array(ring),
+        return {"velocity": self.exchange.gathered(self.velocity), **memory.state(),
+                "ring": np.array(ring),
                 "counts": np.array(list(self.counts.values())),
                 "next_basis": np.full((m, m), np.nan) if nxt is None else nxt}
 
@@ -118,8 +120,9 @@ class Deflated:
 
     @property
     def last_step_norm(self) -> float:
-        """||theta_new - theta_old|| of the last step (momentum part + Newton part)."""
-        return float(self.xp.linalg.norm(self.velocity + self.newton_step))
+        """||theta_new - theta_old|| of the last step (momentum part + Newton part;
+        sharded: a collective)."""
+        return self.exchange.norm(self.velocity + self.newton_step)
 
     def step(self, theta, objective, lr: float) -> StepInfo:
         """Refresh (exchange the probes) or only update g's Gram row, then the deflated
@@ -129,7 +132,7 @@ class Deflated:
         loss = objective.local_gradient(theta)
         source.before_reduce(self.steps, theta, objective, lr, memory)
         loss = objective.reduce_gradient(loss)
-        grad = objective.grad
+        grad = objective.grad_part
         slot = source.after_reduce(theta, grad, memory, 0.0, self.velocity)
         memory.set_gradient(grad)
         memory.update_gram(slot)
@@ -148,13 +151,13 @@ class Deflated:
             coef[:] = 0
             coef[v_idx] = d.coef_newton
             memory.combine(coef, out=self.newton_step)
-            theta -= self.newton_step
+            self.exchange.move(theta, self.newton_step, v)
         else:
             xp.multiply(grad, lr, out=u)
             v += u
             self.newton_step[...] = 0
             self.counts[d.reason] += 1
-        theta -= v
+            self.exchange.move(theta, v)
         self.steps += 1
         return StepInfo(loss, fallback=int(d.reason is not None), reason=d.reason,
                         rank_kept=d.kept)

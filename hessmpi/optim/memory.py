@@ -9,6 +9,11 @@ P is the number of contributors to a slot (the ranks, or 1 for pairs every rank 
 alike), k the pairs each contributes. One in-place collective fills a slot, the memory never
 moves, the Gram update reads W once, and a direction c_g g + S c_s + Y c_y is one
 matrix-vector product. Nothing of size n is allocated per step.
+
+The columns of W are this rank's part of n in the layout of the exchange
+(:mod:`hessmpi.optim.exchange`): all n with ``allgather``, about n / P with ``sharded``,
+where the Gram rows are completed by one Allreduce of the parts' products and a worker's
+own rows are formed whole in an ``outbox`` (2k, n) until the exchange moves them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from hessmpi.backend import to_host
+from hessmpi.optim.exchange import Whole
 
 #: Bytes of W one block of the blocked Gram product covers: fastest measured for m = 4..16
 #: on this machine's L2 (benchmarks/secant_step.py: 1 MiB, 8-21 % ahead of 256 KiB).
@@ -24,18 +30,25 @@ GRAM_BLOCK_BYTES = 1 << 20
 
 class PairMemory:
     """n: parameters; contributors: P; k: pairs per contributor per slot; slots: K; own: this
-    rank's contributor index; xp, dtype: array module and floating type.
+    rank's contributor index; xp, dtype: array module and floating type; exchange: the
+    layout of the columns (default: all n, no communication).
 
     ``filled``: slots holding pairs; ``next_slot``: the slot the next pairs go to;
-    ``gram`` (rows, rows): W W^T over the active rows (1 + filled * slot_rows)."""
+    ``gram`` (rows, rows): W W^T over the active rows (1 + filled * slot_rows);
+    ``outbox`` (2k, n): this contributor's rows, whole, where W holds less than the whole
+    rows and several contributors share a slot (None otherwise: they are formed in W)."""
 
     def __init__(self, n: int, *, contributors: int, k: int, slots: int, own: int, xp,
-                 dtype):
+                 dtype, exchange=None):
         self.xp = xp
+        self.exchange = Whole(n) if exchange is None else exchange
         self.contributors, self.k, self.slots, self.own = contributors, k, slots, own
         self.slot_rows = 2 * contributors * k
         self.m = contributors * k * slots
-        self.W = xp.zeros((1 + self.slot_rows * slots, n), dtype=dtype)
+        part = self.exchange.part_size
+        self.W = xp.zeros((1 + self.slot_rows * slots, part), dtype=dtype)
+        self.outbox = (xp.zeros((2 * k, n), dtype=dtype)
+                       if contributors > 1 and part != n else None)
         self.gram = xp.zeros((self.W.shape[0],) * 2, dtype=dtype)
         self.filled = 0
         self.next_slot = 0
@@ -48,9 +61,19 @@ class PairMemory:
         return self.W[start:start + self.slot_rows]
 
     def own_rows(self, t: int):
-        """(s rows (k, n), y rows (k, n)) of this contributor in slot t."""
+        """(s rows (k, n), y rows (k, n)) of this contributor in slot t: whole rows of the
+        outbox if there is one, else its rows of W (with one contributor and a sharded
+        layout, this rank's parts (k, n / P) of the pairs every rank forms alike)."""
+        if self.outbox is not None:
+            return self.outbox[:self.k], self.outbox[self.k:]
         block = self.slot(t)[2 * self.k * self.own: 2 * self.k * (self.own + 1)]
         return block[:self.k], block[self.k:]
+
+    def slot_pairs(self, t: int) -> list:
+        """[(s row, y row)] of every contributor's pairs in slot t (views of W)."""
+        block = self.slot(t)
+        return [(block[2 * self.k * c + j], block[2 * self.k * c + self.k + j])
+                for c in range(self.contributors) for j in range(self.k)]
 
     def commit(self) -> int:
         """The next slot now holds pairs: returns its index and moves the ring on."""
@@ -73,7 +96,7 @@ class PairMemory:
         return rows[:, :, 0].ravel(), rows[:, :, 1].ravel()
 
     def set_gradient(self, grad) -> None:
-        """Row 0 <- the step's averaged gradient (n,)."""
+        """Row 0 <- this rank's part of the step's averaged gradient ((n,) whole)."""
         self.W[0] = grad
 
     def gram_host(self) -> np.ndarray:
@@ -82,13 +105,16 @@ class PairMemory:
         return to_host(self.xp, self.gram[:self.active, :self.active])
 
     def combine(self, coef: np.ndarray, out) -> None:
-        """out (n,) <- coef @ W[:active] for host coefficients ``coef`` (active,)."""
+        """out <- coef @ W[:active] for host coefficients ``coef`` (active,): this rank's
+        part of the combination ((n,) whole)."""
         xp = self.xp
         xp.matmul(xp.asarray(coef, dtype=self.W.dtype), self.W[:self.active], out=out)
 
     def update_gram(self, slot_index: int | None) -> None:
         """Recompute the Gram rows and columns of the g row and of ring slot ``slot_index``
-        (if any) against every active row: one blocked pass over W (rows read from cache)."""
+        (if any) against every active row: one blocked pass over W (rows read from cache);
+        sharded, over this rank's columns, then one Allreduce of the (1 + rows, active) new
+        rows completes them."""
         xp, W = self.xp, self.W
         active = self.active
         rows = 0 if slot_index is None else self.slot_rows
@@ -102,15 +128,18 @@ class PairMemory:
             if rows:
                 xp.matmul(W[start:start + rows, c:c + b], block.T, out=part[1:])
             out += part
+        self.exchange.complete_(out)
         new = xp.asarray(np.array([0, *range(start, start + rows)]))
         self.gram[new, :active] = out
         self.gram[:active, new] = out.T
 
     def state(self) -> dict:
-        return {"W": self.W, "gram": self.gram}
+        """W whole (sharded: gathered on rank 0, a collective) and the Gram matrix."""
+        return {"W": self.exchange.gathered(self.W), "gram": self.gram}
 
     def load_state(self, state: dict, filled: int, next_slot: int) -> None:
-        self.W[...] = self.xp.asarray(state["W"])
+        """Restore :meth:`state` (W whole, of any layout: this rank takes its part)."""
+        self.W[...] = self.xp.asarray(self.exchange.part(state["W"]))
         self.gram[...] = self.xp.asarray(state["gram"])
         self.filled, self.next_slot = filled, next_slot
 

@@ -13,6 +13,12 @@ the last line search). ``contributors``
 and ``k``: the ranks that write rows into one slot and the pairs each writes;
 ``independent_of_ranks``: the pairs are the same on any rank count (a resume on another
 keeps them); ``pending``: a measured pair waits in the next slot (kept in checkpoints).
+
+Layouts (``exchange``, :mod:`hessmpi.optim.exchange`): a worker's own pairs (``probe``,
+``local``) are formed whole and moved by the exchange; the global pairs every rank forms
+alike (``shared_probe``, ``history``, ``averaged``) are formed part by part in the memory's
+layout, from the parts of the averaged gradient and of the momentum, and gathered whole only
+where a model evaluation needs the whole vector (a probe point, a Gauss-Newton product).
 """
 
 from __future__ import annotations
@@ -90,7 +96,7 @@ class ProbePairs:
             return None
         if damping:
             damp_(self.xp, *memory.own_rows(memory.next_slot), damping, self._work)
-        self.exchange.share(memory.slot(memory.next_slot))
+        self.exchange.share(memory, memory.next_slot)
         return memory.commit()
 
     def after_step(self, theta, objective, memory, last_step) -> None:
@@ -109,11 +115,12 @@ class SharedProbePairs:
     pending = False
     reads_own_gradient = False
 
-    def __init__(self, opts, *, n: int, xp, dtype):
-        self.o, self.xp = opts, xp
+    def __init__(self, opts, *, n: int, xp, dtype, exchange):
+        self.o, self.xp, self.exchange = opts, xp, exchange
         self.contributors, self.k = 1, 1
         self.forming = False
         self._work = xp.zeros(n, dtype=dtype)
+        self._s = exchange.whole_buffer(self._work)      # s whole (sharded)
         self._lr = 0.0
 
     def cost(self) -> float:
@@ -130,11 +137,11 @@ class SharedProbePairs:
             return None
         s_rows, y_rows = memory.own_rows(memory.next_slot)
         self.xp.multiply(grad, -(self.o.probe_lr or self._lr), out=s_rows[0])
-        self.xp.add(theta, s_rows[0], out=self._work)
+        self.xp.add(theta, self.exchange.whole(s_rows[0], self._s), out=self._work)
         self._objective.mean_gradient_at(self._work, y_rows[0])
         y_rows[0] -= grad
         if damping:
-            damp_(self.xp, s_rows, y_rows, damping, self._work)
+            damp_(self.xp, s_rows, y_rows, damping, self._work[:s_rows.shape[-1]])
         return memory.commit()
 
     def after_step(self, theta, objective, memory, last_step) -> None:
@@ -146,7 +153,8 @@ class DriftPairs:
     next minibatches; at the synchronisation theta becomes the average of the drifted points
     theta_r, the averaged gradient is that of the g_r(theta_r), and the pairs are
     s_r = theta_r - theta_avg, y_r = g_r(theta_r) - g_avg. Every step; no extra gradient
-    beyond the drift's own, but y carries minibatch noise."""
+    beyond the drift's own, but y carries minibatch noise. y_r = g_r(theta_r) moves as it
+    is, and every rank subtracts (its part of) g_avg from every y row it receives."""
 
     independent_of_ranks = False
     pending = False
@@ -181,11 +189,15 @@ class DriftPairs:
         self.comm.allreduce_sum_(average)
         average /= self.comm.size
         s_rows[0] -= average
-        y_rows[0] -= grad
         theta[...] = average
+        self.exchange.share(memory, memory.next_slot)
+        pairs = memory.slot_pairs(memory.next_slot)
+        for _, y in pairs:
+            y -= grad
         if damping:
-            damp_(self.xp, s_rows, y_rows, damping, self._work)
-        self.exchange.share(memory.slot(memory.next_slot))
+            work = self._work[:grad.shape[-1]]
+            for s, y in pairs:
+                damp_(self.xp, [s], [y], damping, work)
         return memory.commit()
 
     def after_step(self, theta, objective, memory, last_step) -> None:
@@ -204,13 +216,13 @@ class HistoryPairs:
     independent_of_ranks = True
     reads_own_gradient = False
 
-    def __init__(self, opts, *, n: int, full_batch: bool, xp, dtype):
+    def __init__(self, opts, *, n: int, full_batch: bool, xp, dtype, exchange):
         self.o, self.full_batch, self.xp = opts, full_batch, xp
         self.contributors, self.k = 1, 1
         self.forming = False
         self.pending = False     # the next slot holds a measured pair not yet committed
         self._steps = 0
-        self._work = xp.zeros(n, dtype=dtype) if opts.damping else None
+        self._work = xp.zeros(exchange.part_size, dtype=dtype) if opts.damping else None
 
     def cost(self) -> float:
         return 0.0 if self.full_batch else 1.0
@@ -245,7 +257,7 @@ class HistoryPairs:
             return
         s_rows, y_rows = memory.own_rows(memory.next_slot)
         objective.mean_gradient_at(theta, y_rows[0])
-        y_rows[0] -= objective.grad
+        y_rows[0] -= objective.grad_part
         self.xp.negative(last_step, out=s_rows[0])
         self.pending = True
 
@@ -263,25 +275,29 @@ class AveragedPairs:
     independent_of_ranks = True
     reads_own_gradient = False
 
-    def __init__(self, opts, *, n: int, xp, dtype):
-        self.o, self.xp = opts, xp
+    def __init__(self, opts, *, n: int, xp, dtype, exchange):
+        self.o, self.xp, self.exchange = opts, xp, exchange
         self.contributors, self.k = 1, 1
         self.forming, self.pending = False, False
-        self._sum = xp.zeros(n, dtype=dtype)      # sum of the iterates of this period
-        self._last = xp.zeros(n, dtype=dtype)     # theta_bar of the last period
+        part = exchange.part_size
+        self._sum = xp.zeros(part, dtype=dtype)   # sum of the iterates of this period
+        self._last = xp.zeros(part, dtype=dtype)  # theta_bar of the last period
         self._count, self._periods = 0, 0
-        self._work = xp.zeros(n, dtype=dtype)
+        self._work = xp.zeros(part, dtype=dtype)
+        self._point = exchange.whole_buffer(self._work)   # theta_bar and s whole (sharded)
+        self._dir = exchange.whole_buffer(self._work)
 
     def cost(self) -> float:
         return 0.0
 
     def state(self) -> dict:
-        return {"pairs_sum": self._sum, "pairs_last": self._last,
+        x = self.exchange
+        return {"pairs_sum": x.gathered(self._sum), "pairs_last": x.gathered(self._last),
                 "pairs_count": np.array([self._count, self._periods])}
 
     def load_state(self, state: dict) -> None:
-        self._sum[...] = self.xp.asarray(state["pairs_sum"])
-        self._last[...] = self.xp.asarray(state["pairs_last"])
+        self._sum[...] = self.xp.asarray(self.exchange.part(state["pairs_sum"]))
+        self._last[...] = self.xp.asarray(self.exchange.part(state["pairs_last"]))
         self._count, self._periods = (int(v) for v in state["pairs_count"])
 
     def before_reduce(self, step: int, theta, objective, lr: float,
@@ -298,7 +314,8 @@ class AveragedPairs:
         return memory.commit()
 
     def after_step(self, theta, objective, memory: PairMemory, last_step) -> None:
-        self._sum += theta
+        x = self.exchange
+        self._sum += x.part(theta)
         self._count += 1
         if self._count < self.o.probe_every:
             return
@@ -312,7 +329,8 @@ class AveragedPairs:
             self.xp.subtract(average, self._last, out=s_rows[0])
             rows = slice(0, max(1, math.ceil(round(self.o.probe_batch * objective.batch_rows,
                                                       9))))
-            objective.curvature_product(average, s_rows[0], y_rows[0], rows=rows)
+            objective.curvature_product(x.whole(average, self._point),
+                                        x.whole(s_rows[0], self._dir), y_rows[0], rows=rows)
             self.pending = True
         self._last[...] = average
 
@@ -324,9 +342,10 @@ def build_pair_source(opts, *, n: int, comm, seed: int, full_batch: bool, xp, dt
         return ProbePairs(opts, n=n, comm=comm, seed=seed, xp=xp, dtype=dtype,
                           exchange=exchange)
     if opts.pairs == "shared_probe":
-        return SharedProbePairs(opts, n=n, xp=xp, dtype=dtype)
+        return SharedProbePairs(opts, n=n, xp=xp, dtype=dtype, exchange=exchange)
     if opts.pairs == "averaged":
-        return AveragedPairs(opts, n=n, xp=xp, dtype=dtype)
+        return AveragedPairs(opts, n=n, xp=xp, dtype=dtype, exchange=exchange)
     if opts.pairs == "local":
         return DriftPairs(opts, n=n, comm=comm, xp=xp, dtype=dtype, exchange=exchange)
-    return HistoryPairs(opts, n=n, full_batch=full_batch, xp=xp, dtype=dtype)
+    return HistoryPairs(opts, n=n, full_batch=full_batch, xp=xp, dtype=dtype,
+                        exchange=exchange)

@@ -12,6 +12,11 @@ direction, a failed solve or line search) the step is the SGD step u = eta g, co
 reason; with a line search that step is searched too (momentum dropped, from the length of
 the last step taken), and if no trial decreases F no step is taken ("no_decrease"), so at
 full batch F never rises.
+
+The step is written once for both layouts of ``optim.exchange``: the momentum, W and the
+step u are this rank's parts (all of n with ``allgather``); the exchange completes the Gram
+rows, gathers what a line search reads whole, and moves theta (theta -= v on the parts, then
+one Allgather of the parameters with ``sharded``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from hessmpi.optim.base import StepInfo
-from hessmpi.optim.exchange import build_exchange
+from hessmpi.optim.exchange import exchange_for
 from hessmpi.optim.linesearch import Armijo, StrongWolfe
 from hessmpi.optim.memory import PairMemory
 from hessmpi.optim.pairs import build_pair_source
@@ -36,7 +41,7 @@ def load_common(opt, state: dict) -> list[int]:
     """Restore what every quasi-Newton method keeps alike: the velocity, the step count and
     the counts (counters added since an older checkpoint start at 0); returns the ring
     (filled, next slot, steps, pending)."""
-    opt.velocity[...] = opt.xp.asarray(state["velocity"])
+    opt.velocity[...] = opt.xp.asarray(opt.exchange.part(state["velocity"]))
     ring = [int(v) for v in state["ring"]]
     opt.steps = ring[2]
     saved = [int(c) for c in state["counts"]]
@@ -63,16 +68,20 @@ class Secant:
     def __init__(self, theta, objective, opts, *, seed: int):
         xp, n, comm = objective.xp, theta.shape[0], objective.comm
         self.o, self.xp = opts, xp
-        exchange = build_exchange(opts.exchange, comm)
+        self.exchange = x = exchange_for(opts, objective, n)
         self.source = build_pair_source(opts, n=n, comm=comm, seed=seed,
                                         full_batch=objective.full_batch, xp=xp,
-                                        dtype=theta.dtype, exchange=exchange)
+                                        dtype=theta.dtype, exchange=x)
         own = comm.rank if self.source.contributors > 1 else 0
         self.memory = PairMemory(n, contributors=self.source.contributors, k=self.source.k,
-                                 slots=opts.memory, own=own, xp=xp, dtype=theta.dtype)
+                                 slots=opts.memory, own=own, xp=xp, dtype=theta.dtype,
+                                 exchange=x)
         self.line_search = build_line_search(opts, theta)
-        self.velocity = theta * 0
-        self._u = theta * 0            # the step of this iteration, before momentum
+        self.velocity = x.part(theta) * 0
+        self._u = theta * 0            # the step of this iteration, before momentum (whole)
+        self._u_part = x.part(self._u)  # this rank's part of it (a view)
+        # the momentum whole for a line search (sharded; None where it is whole)
+        self._v_whole = x.whole_buffer(theta) if self.line_search is not None else None
         self.steps = 0
         self.counts = fallback_counts()
 
@@ -80,7 +89,8 @@ class Secant:
     def state(self) -> dict:
         memory = self.memory
         ring = [memory.filled, memory.next_slot, self.steps, self.source.pending]
-        return {"velocity": self.velocity, **memory.state(), "ring": np.array(ring),
+        return {"velocity": self.exchange.gathered(self.velocity), **memory.state(),
+                "ring": np.array(ring),
                 "counts": np.array(list(self.counts.values())),
                 **(self.source.state() if hasattr(self.source, "state") else {})}
 
@@ -100,15 +110,27 @@ class Secant:
 
     @property
     def last_step_norm(self) -> float:
-        """||theta_new - theta_old|| of the last step (= ||velocity||)."""
-        return float(self.xp.linalg.norm(self.velocity))
+        """||theta_new - theta_old|| of the last step (= ||velocity||; sharded: a
+        collective)."""
+        return self.exchange.norm(self.velocity)
 
-    def _fallback(self, theta, objective, grad, u, loss: float, lr: float) -> None:
-        """u <- the SGD step eta g; with a line search, searched: momentum dropped, the first
-        trial no longer than the last step taken, and no step (u = 0) if none decreases F."""
+    def _search(self, objective, theta, loss: float) -> bool:
+        """The line search on whole vectors: the step u, the averaged gradient and the
+        momentum gathered where only parts are held (with allgather they are whole)."""
+        x = self.exchange
+        x.whole_(self._u)
+        return self.line_search.search(objective, theta, objective.whole_gradient(), self._u,
+                                       loss, x.whole(self.velocity, self._v_whole),
+                                       self.o.momentum)
+
+    def _fallback(self, theta, objective, grad, loss: float, lr: float) -> None:
+        """u <- the SGD step eta g (``grad``: this rank's part of g); with a line search,
+        searched on whole vectors: momentum dropped, the first trial no longer than the
+        last step taken, and no step (u = 0) if none decreases F."""
         if self.line_search is None:
-            self.xp.multiply(grad, lr, out=u)
+            self.xp.multiply(grad, lr, out=self._u_part)
             return
+        grad, u = objective.whole_gradient(), self._u
         g_norm, last = float(self.xp.linalg.norm(grad)), self.last_step_norm
         t = min(lr, last / g_norm) if last > 0 and g_norm > 0 else lr
         self.xp.multiply(grad, t, out=u)
@@ -127,7 +149,7 @@ class Secant:
         else:
             source.before_reduce(self.steps, theta, objective, lr, memory)
             loss = objective.gradient(theta)
-        grad = objective.grad
+        grad = objective.grad_part
         slot = source.after_reduce(theta, grad, memory, o.damping, self.velocity)
         memory.set_gradient(grad)
         memory.update_gram(slot)
@@ -136,7 +158,7 @@ class Secant:
         d = direction(gram, s_idx, y_idx, 0, eta=lr, curvature=o.curvature,
                       curvature_tol=o.curvature_tol, h0=o.h0, lsq_mu=o.lsq_mu,
                       max_step_ratio=o.max_step_ratio, xp=np, powell=o.powell)
-        reason, u = d.reason, self._u
+        reason, u, x = d.reason, self._u_part, self.exchange
         if reason is None:
             coef = np.zeros(memory.active)
             coef[0] = d.coef_g
@@ -147,22 +169,21 @@ class Secant:
             # ||d|| from the Gram misses what under- or overflowed in it (s.s = 0 for a tiny
             # s): hold the clip on the vector itself (u is identical on every rank).
             limit = o.newton_lr * o.max_step_ratio * lr * float(gram[0, 0]) ** 0.5
-            u_norm = float(self.xp.linalg.norm(u))
+            u_norm = x.norm(u)
             clipped = d.clipped
             if u_norm > limit:
                 u *= limit / u_norm
                 clipped = True
             self.counts["clipped"] += clipped
-            if self.line_search is not None and not self.line_search.search(
-                    objective, theta, grad, u, loss, self.velocity, o.momentum):
+            if self.line_search is not None and not self._search(objective, theta, loss):
                 reason = "line_search"
         if reason is not None:
             self.counts[reason] += 1
-            self._fallback(theta, objective, grad, u, loss, lr)
+            self._fallback(theta, objective, grad, loss, lr)
         v = self.velocity
         v *= o.momentum
         v += u
-        theta -= v
+        x.move(theta, v)
         self.steps += 1
         source.after_step(theta, objective, memory, self.velocity)
         return StepInfo(loss, fallback=int(reason is not None), reason=reason,
