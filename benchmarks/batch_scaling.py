@@ -90,7 +90,8 @@ METHODS = {   # optim: what every point sets; axes: the options tuned besides lr
     "secant-history": dict(label="secant, history pairs + L-BFGS + Armijo",
                            optim={**_QN, "pairs": "history", "curvature": "lbfgs"},
                            axes={"memory": [10, 20]}),
-    "adam": dict(label="Adam", optim={"name": "adam", "momentum": 0.9}, axes={}),
+    # Adam's step is scale-free (about lr per coordinate): its own first guess, any batch
+    "adam": dict(label="Adam", optim={"name": "adam", "momentum": 0.9}, axes={}, lr=2e-3),
     "secant-averaged": dict(label="secant, averaged-iterate pairs + L-BFGS + momentum",
                             optim={"name": "secant", "pairs": "averaged", "probe_every": 10,
                                    "curvature": "lbfgs", "h0": "bb", "memory": 10,
@@ -148,10 +149,11 @@ def is_reference(problem: str, batch: int, method: str) -> bool:
 
 
 def first_points(mode: dict, problem: str, method: str, batch: int) -> list[dict]:
-    """The first grid: learning rates (the guess anchor (B/8000)^exponent on anchor 2^k, then
-    half and twice it, most promising first) x the method's options."""
+    """The first grid: learning rates (the method's own guess, else anchor
+    (B/reference)^exponent on anchor 2^k; then half and twice it, most promising first) x
+    the method's options."""
     anchor, exponent = PROBLEMS[problem]["lr"]
-    guess = anchor * 2.0 ** round(exponent * math.log2(
+    guess = METHODS[method].get("lr") or anchor * 2.0 ** round(exponent * math.log2(
         batch / PROBLEMS[problem]["reference_batch"]))
     lrs = [guess, guess / 2, guess * 2][:mode["lr_points"]["sgd" if method == "sgd" else "qn"]]
     axes = mode["axes"].get(method, METHODS[method]["axes"])

@@ -110,7 +110,8 @@ def tune(run, first: list[dict], selections: dict, *, max_points: int, factor: f
     """Run the points ``first``, then widen: for every selection {name: score}, the points
     :func:`outward` of its best point on every axis, until every best point is interior (or
     at the bound of its range), ``max_points`` points have run, or ``late()``. A selection
-    that no point qualifies for is widened once toward the point of lowest final F.
+    that no point qualifies for is widened once toward the point of lowest final F; while
+    every point diverged, the learning rate halves (divided by ``factor``) below the lowest.
     ``run(point, points)`` -> the point's records (``points``: those so far, for racing).
 
     Returns points, chosen {name: key}, placement {name: {axis: where}}, notes."""
@@ -135,7 +136,12 @@ def tune(run, first: list[dict], selections: dict, *, max_points: int, factor: f
     blind: set[str] = set()
     while points and not stopped:
         new: list[dict] = []
-        for name, select in selections.items():
+        if best(points, final) is None:     # every point diverged: lower learning rates
+            low = min((p["point"] for p in points.values()), key=lambda p: p["lr"])
+            new.append({**low, "lr": low["lr"] / factor})
+            if not notes or "every point diverged" not in notes[-1]:
+                notes.append("every point diverged: the grid widens to lower learning rates")
+        for name, select in ([] if new else selections.items()):
             k = best(points, select)
             if k is None and name not in blind:
                 blind.add(name)

@@ -221,6 +221,21 @@ def test_tune_widens_once_toward_the_lowest_final_f_when_nothing_reaches_it():
     assert "widens once" in res["notes"][0]
 
 
+def test_tune_lowers_the_learning_rate_while_every_point_diverges():
+    ran = []
+
+    def run(point, points):        # diverges (F inf) above lr 0.01, reaches below it
+        ran.append(point["lr"])
+        return [record(100, final=0.05) if point["lr"] <= 0.01 else
+                record(None, final=math.inf, status="diverged")]
+
+    res = tune.tune(run, [{"lr": 0.1}, {"lr": 0.05}, {"lr": 0.2}], {"t": tune.to_target(0.2)},
+                    max_points=10)
+    assert ran[:6] == [0.1, 0.05, 0.2, 0.025, 0.0125, 0.00625]
+    assert res["points"][res["chosen"]["t"]]["point"]["lr"] <= 0.01
+    assert sum("every point diverged" in n for n in res["notes"]) == 1
+
+
 def test_tune_stops_at_the_deadline_and_upper_median():
     res = tune.tune(lambda p, pts: [record(10)], [{"lr": 1.0}, {"lr": 2.0}],
                     {"t": tune.to_target(0.2)}, max_points=10, late=lambda: True)
