@@ -114,7 +114,7 @@ def test_replayed_run_resumed_is_bit_for_bit_the_straight_run(dataset, tmp_path)
     a, a_attrs = read_checkpoint(checkpoint_path(straight, 34))
     b, b_attrs = read_checkpoint(checkpoint_path(half, 34))
     assert sorted(a) == sorted(b)
-    for name in a:
+    for name in (n for n in a if not n.startswith("metrics/")):   # the rows: below
         assert np.asarray(a[name]).tobytes() == np.asarray(b[name]).tobytes(), name
     assert a_attrs["grad_evals"] == b_attrs["grad_evals"] == 34
     _, want = read_metrics(straight / "metrics.h5")
