@@ -237,7 +237,8 @@ COMPARE_WORK = 3 * STEPS
 
 def run_comparators(results: dict, out: Path) -> dict:
     """Seed 0, one rank, every (dataset, problem) of ``results``: each comparator to the
-    cell's target (SGD's F after STEPS steps), beside SGD and the recipe of that cell."""
+    cell's target (SGD's F after STEPS steps), beside SGD and the recipe of that cell; a
+    comparator the file already holds is kept (an interrupted call goes on where it was)."""
     rows = results.setdefault("comparators", {})
     for cell in results["cells"]:
         if cell["seed"] != 0 or cell["ranks"] != 1:
@@ -245,6 +246,9 @@ def run_comparators(results: dict, out: Path) -> dict:
         key = f"{cell['problem']}/{cell['dataset']}"
         data = str(datasets.dataset(cell["dataset"], ROOT))
         for name, (optim, knob, grid, factor) in COMPARATORS.items():
+            if f"{key}/{name}" in rows:     # measured by an earlier call on this file
+                print(f"robustness: {name} on {key}: kept from {out}", flush=True)
+                continue
             print(f"robustness: {name} on {key} ...", flush=True)
             res = launch.launch(__file__, dict(kind="comparator", data=data,
                                                model=PROBLEMS[cell["problem"]][0],

@@ -410,11 +410,7 @@ class AsyncRun:
                 raise
             except BaseException as e:
                 self._finish_writing()
-                try:
-                    self.metrics.append([], status="failed",
-                                        failure=f"{type(e).__name__}: {e}")
-                except Exception:  # noqa: BLE001 - never hide the original error
-                    pass
+                self.metrics.record_crash(e)
                 raise
         finally:
             for sig, handler in handlers.items():

@@ -76,6 +76,14 @@ class MetricsFile:
         self.attrs.update(attrs)
         self._write()
 
+    def record_crash(self, error: BaseException) -> None:
+        """Status "failed" with ``error``'s type and message; never raises (the error being
+        handled is the one to surface)."""
+        try:
+            self.append([], status="failed", failure=f"{type(error).__name__}: {error}")
+        except Exception:  # noqa: BLE001 - never hide the original error
+            pass
+
     def _write(self) -> None:
         import h5py
 

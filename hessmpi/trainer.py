@@ -342,11 +342,7 @@ class Run(Training):
         except BaseException as e:
             self._finish_writing()
             if self.metrics is not None:  # rank 0 itself failed: say so before MPI_Abort
-                try:
-                    self.metrics.append([], status="failed",
-                                        failure=f"{type(e).__name__}: {e}")
-                except Exception:  # noqa: BLE001 - never hide the original error
-                    pass
+                self.metrics.record_crash(e)
             raise
         finally:
             for sig, handler in handlers.items():

@@ -12,10 +12,8 @@ import time
 
 import numpy as np
 
-from hessmpi.optim.exchange import exchange_for
-from hessmpi.optim.memory import PairMemory
-from hessmpi.optim.pairs import build_pair_source
 from hessmpi.optim.quasi_newton import direction
+from hessmpi.optim.secant import build_pair_parts
 
 
 def _none(*_args) -> None:
@@ -53,16 +51,10 @@ class SplitSecant:
     def __init__(self, theta, objective, opts, *, seed: int = 0):
         if opts.pairs != "probe" or opts.line_search != "none":
             raise ValueError("SplitSecant runs probe pairs without a line search")
-        xp, n, comm = objective.xp, theta.shape[0], objective.comm
-        self.o, self.xp = opts, xp
-        self.exchange = x = exchange_for(opts, objective, n)
-        self.source = build_pair_source(opts, n=n, comm=comm, seed=seed,
-                                        full_batch=objective.full_batch, xp=xp,
-                                        dtype=theta.dtype, exchange=x)
-        own = comm.rank if self.source.contributors > 1 else 0
-        self.memory = PairMemory(n, contributors=self.source.contributors, k=self.source.k,
-                                 slots=opts.memory, own=own, xp=xp, dtype=theta.dtype,
-                                 exchange=x)
+        self.o, self.xp = opts, objective.xp
+        self.exchange, self.source, self.memory = build_pair_parts(theta, objective, opts,
+                                                                   seed=seed)
+        x = self.exchange
         self.velocity, self.u = x.part(theta) * 0, x.part(theta) * 0
         self.steps = self.fallbacks = 0
 

@@ -60,22 +60,30 @@ def build_line_search(opts, like):
     return None
 
 
+def build_pair_parts(theta, objective, opts, *, seed: int):
+    """The exchange, the pair source and the :class:`PairMemory` (W, gram, ring) that
+    ``opts`` name, for ``theta`` (n,) on ``objective``'s communicator."""
+    n, comm = theta.shape[0], objective.comm
+    exchange = exchange_for(opts, objective, n)
+    source = build_pair_source(opts, n=n, comm=comm, seed=seed,
+                               full_batch=objective.full_batch, xp=objective.xp,
+                               dtype=theta.dtype, exchange=exchange)
+    own = comm.rank if source.contributors > 1 else 0
+    memory = PairMemory(n, contributors=source.contributors, k=source.k, slots=opts.memory,
+                        own=own, xp=objective.xp, dtype=theta.dtype, exchange=exchange)
+    return exchange, source, memory
+
+
 class Secant:
     """``opts``: the typed ``[optim]`` options of ``optim.name = "secant"``; ``objective``:
     the distributed objective (its model, communicator and batches); ``seed`` seeds random
     probes."""
 
     def __init__(self, theta, objective, opts, *, seed: int):
-        xp, n, comm = objective.xp, theta.shape[0], objective.comm
-        self.o, self.xp = opts, xp
-        self.exchange = x = exchange_for(opts, objective, n)
-        self.source = build_pair_source(opts, n=n, comm=comm, seed=seed,
-                                        full_batch=objective.full_batch, xp=xp,
-                                        dtype=theta.dtype, exchange=x)
-        own = comm.rank if self.source.contributors > 1 else 0
-        self.memory = PairMemory(n, contributors=self.source.contributors, k=self.source.k,
-                                 slots=opts.memory, own=own, xp=xp, dtype=theta.dtype,
-                                 exchange=x)
+        self.o, self.xp = opts, objective.xp
+        self.exchange, self.source, self.memory = build_pair_parts(theta, objective, opts,
+                                                                   seed=seed)
+        x = self.exchange
         self.line_search = build_line_search(opts, theta)
         self.velocity = x.part(theta) * 0
         self._u = theta * 0            # the step of this iteration, before momentum (whole)
