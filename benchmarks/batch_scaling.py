@@ -95,12 +95,20 @@ METHODS = {   # optim: what every point sets; axes: the options tuned besides lr
     "secant-averaged": dict(label="secant, averaged-iterate pairs + L-BFGS + momentum",
                             optim={"name": "secant", "pairs": "averaged", "probe_every": 10,
                                    "curvature": "lbfgs", "h0": "bb", "memory": 10,
-                                   "damping": 0.0, "momentum": 0.9, "max_step_ratio": 100.0},
+                                   "damping": 0.0, "momentum": 0.9, "max_step_ratio": 10.0},
                             axes={"newton_lr": [0.1]}),
     "deflated": dict(label="deflated (k=10)", optim={"name": "deflated", "pairs_per_rank": 10,
                                                      "newton_lr": 1.0, "momentum": 0.9},
                      axes={"probe_every": [4, 10]}),
 }
+BASELINES = ("sgd", "adam")     # tuned on the baselines' grid sizes ("sgd" in MODES)
+
+
+def grid_class(method: str) -> str:
+    """The key of ``method``'s grid sizes in a mode's lr_points and max_points."""
+    return "sgd" if method in BASELINES else "qn"
+
+
 MODES = {
     "quick": dict(problems=["softmax"], batches=[1024, 8000],
                   methods=["sgd", "secant", "secant-ls"],
@@ -155,7 +163,7 @@ def first_points(mode: dict, problem: str, method: str, batch: int) -> list[dict
     anchor, exponent = PROBLEMS[problem]["lr"]
     guess = METHODS[method].get("lr") or anchor * 2.0 ** round(exponent * math.log2(
         batch / PROBLEMS[problem]["reference_batch"]))
-    lrs = [guess, guess / 2, guess * 2][:mode["lr_points"]["sgd" if method == "sgd" else "qn"]]
+    lrs = [guess, guess / 2, guess * 2][:mode["lr_points"][grid_class(method)]]
     axes = mode["axes"].get(method, METHODS[method]["axes"])
     return [{"lr": lr, **dict(zip(axes, values, strict=True))}
             for lr in lrs for values in itertools.product(*axes.values())]
@@ -349,7 +357,7 @@ class Sweep:
                     eval_base=max(2, unit_budget(self.mode, problem, batch) // 400),
                     points=first_points(self.mode, problem, method, batch),
                     widen_axes=self.mode["widen_axes"], ratio_cap=self.mode["ratio_cap"],
-                    max_points=self.mode["max_points"]["sgd" if method == "sgd" else "qn"],
+                    max_points=self.mode["max_points"][grid_class(method)],
                     sgd_steps=sgd_steps, deadline=deadline,
                     seeds=list(range(self.mode["headline"].get(problem, 1)
                                      if batch in HEADLINE.get(problem, (FULL_BATCH,))
