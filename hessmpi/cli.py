@@ -211,6 +211,11 @@ def _train(args) -> int:
             comm.abort(1)
         return 1
     finally:
+        # The run is over: a stop request arriving now (mpiexec's copy of a signal the ranks
+        # already had) has nothing left to stop, and Python's finalization would give it its
+        # default action back: death by the signal, and a wrong exit status for the job.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
         if lock is not None:
             lock.release()
     if comm.rank == 0:

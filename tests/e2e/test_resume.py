@@ -16,13 +16,14 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from clirun import HESSMPI, Result, hessmpi, mpiexec, set_args, synthetic_data, train
+from clirun import HESSMPI, Result, hessmpi, mpiexec, run, set_args, synthetic_data, train
 
 from hessmpi.checkpoint import (
     checkpoint_path,
@@ -558,6 +559,24 @@ def test_kill_9_of_one_rank_ends_the_job_and_the_run_resumes(victim, data, tmp_p
     m_attrs, got = read_metrics(out / "metrics.h5")
     assert m_attrs["status"] == "finished"
     np.testing.assert_array_equal(got["step"], logged_steps(end))
+
+
+def test_stop_signals_are_ignored_once_the_run_is_over(data, tmp_path):
+    """mpiexec forwards a stop signal the ranks may have had already; when its copy reaches a
+    rank that is exiting, Python's finalization has given the default action back to any
+    Python handler (death by the signal: the job's exit 75 becomes a crash), but not to
+    SIG_IGN. So once the run is over, both stop signals are ignored."""
+    out = tmp_path / "run"
+    code = ("import signal, sys\n"
+            "from hessmpi.cli import main\n"
+            f"rc = main(['train', *{set_args([*base_sets(data), 'train.steps=4'])!r}, "
+            f"'--out', {str(out)!r}])\n"
+            "print('exit', rc, 'ignored', [signal.getsignal(s) == signal.SIG_IGN\n"
+            "                             for s in (signal.SIGUSR1, signal.SIGTERM)])\n"
+            "signal.raise_signal(signal.SIGUSR1)\n"
+            "sys.exit(rc)\n")
+    result = ok(run([sys.executable, "-c", code], timeout=TIMEOUT))
+    assert "exit 0 ignored [True, True]" in result.stdout, str(result)
 
 
 @pytest.mark.parametrize("signum, to", [(signal.SIGUSR1, "mpiexec"), (signal.SIGTERM, "mpiexec"),
