@@ -192,7 +192,9 @@ def test_hung_worker_is_named_and_the_job_ends(dataset, tmp_path, jobs):
     job.wait_for_checkpoint(out)
     os.kill(ranks[1], signal.SIGSTOP)           # alive, but silent
     rc = job.wait(30)
-    assert rc == 1, f"exit {rc}\n{job.output()}"
+    # the server's MPI_Abort(1); hydra then SIGKILLs the stopped worker, and reports
+    # whichever of the two exits it collects first (9 seen under load)
+    assert rc in (1, 9), f"exit {rc}\n{job.output()}"
     errors = [line for line in job.stderr.read_text().splitlines()
               if line.startswith("hessmpi: error")]
     assert len(errors) == 1, job.output()
