@@ -62,3 +62,13 @@ def finished_run(workdir, run_config) -> tuple[Path, Result]:
     if result.rc != 0:
         pytest.fail(f"the reference run failed: {result}")
     return out, result
+
+
+@pytest.fixture
+def jobs() -> list:
+    """Background jobs a test starts (``test_resume.Job``); each is ended after the test,
+    whatever its outcome, so no rank outlives it."""
+    started: list = []
+    yield started
+    for job in started:
+        job.end()

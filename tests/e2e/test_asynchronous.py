@@ -36,14 +36,6 @@ def digits(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def jobs():
-    started: list[Job] = []
-    yield started
-    for job in started:
-        job.end()
-
-
 def ok(result):
     assert result.rc == 0, str(result)
     assert "Traceback" not in result.stdout + result.stderr, str(result)

@@ -494,14 +494,6 @@ class Job:
         self.wait(10)
 
 
-@pytest.fixture
-def jobs():
-    started: list[Job] = []
-    yield started
-    for job in started:
-        job.end()
-
-
 def long_run_args(data: Path, out: Path, every: int) -> list[str]:
     sets = [s for s in base_sets(data) if not s.startswith("checkpoint.every")]
     return [*set_args([*sets, f"checkpoint.every={every}", "train.steps=1000000"]),
