@@ -29,9 +29,9 @@ import numpy as np
 
 from hessmpi import config
 from hessmpi.comm import Communicator
-from hessmpi.data import Sampler, Shard
+from hessmpi.data import Sampler, Shard, overlap_rows
 from hessmpi.data import read_shard as _read_shard
-from hessmpi.errors import NonFiniteLoss, RunFailed
+from hessmpi.errors import NonFiniteLoss, RunFailed, UsageError
 from hessmpi.models.torch_adapter import TorchModel
 from hessmpi.objective import Objective
 from hessmpi.optim import StepInfo, build_optimizer
@@ -115,6 +115,9 @@ class DistributedOptimizer:
         self.objective = Objective(model, self.comm, full_batch=full_batch)
         self.optimizer = build_optimizer(self.options, self.theta, self.objective, seed=seed)
         self.steps = 0
+        # pairs = "overlap": the rows the next batch must start with
+        overlap = getattr(self.options, "pairs", None) == "overlap"
+        self._shared = [] if overlap else None
 
     @property
     def rank(self) -> int:
@@ -128,7 +131,11 @@ class DistributedOptimizer:
         """One step on the global batch whose part on this rank is (x (B, d), y (B,)),
         arrays of the model's module; a collective. Returns the step's StepInfo (``loss``:
         F on the global batch at the parameters the step started from). RunFailed on
-        every rank if that loss is not finite."""
+        every rank if that loss is not finite. With ``pairs = "overlap"`` the first O rows
+        of a batch must be the last O of the one before (``Sampler(..., overlap=O)``, O =
+        round(overlap x B)): UsageError on every rank if they are not."""
+        if self._shared is not None:
+            self._check_shared(x, y)
         self.objective.use_batch(x, y)
         try:
             info = self.optimizer.step(self.theta, self.objective, self.schedule(self.steps))
@@ -137,6 +144,18 @@ class DistributedOptimizer:
                 from None
         self.steps += 1
         return info
+
+    def _check_shared(self, x, y) -> None:
+        shared = overlap_rows(self.options.overlap, len(y))
+        ok = not self._shared or all(
+            bool(self.model.xp.array_equal(a, b))
+            for a, b in zip(self._shared, (x[:shared], y[:shared]), strict=True))
+        if not all(self.comm.allgather(ok)):
+            raise UsageError(f"optim.pairs = 'overlap': step {self.steps + 1}'s batch does not "
+                             f"start with the last {shared} rows of the batch before on every "
+                             "rank: draw batches with hessmpi.Sampler(rows, batch, seed, rank, "
+                             f"overlap={shared})")
+        self._shared = [x[len(y) - shared:].copy(), y[len(y) - shared:].copy()]
 
     def evaluate(self, x, y) -> tuple[float, float]:
         """(mean loss, accuracy) over every rank's rows (x, y); a collective."""

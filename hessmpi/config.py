@@ -150,8 +150,10 @@ SCHEMA: dict[str, dict[str, Option]] = {
                          applies=_on("*", schedule=("cosine",))),
         # --- the secant method (ALGORITHM.md sections 1-2) ---
         "pairs": Option("probe", "str", "source of the secant pairs: the workers' probes, "
-                        "their local drifts, or the steps taken (history)",
-                        choices=("probe", "shared_probe", "local", "history", "averaged"),
+                        "their local drifts, the steps taken (history; overlap: y on the "
+                        "rows consecutive batches share), or averaged iterates",
+                        choices=("probe", "shared_probe", "local", "history", "overlap",
+                                 "averaged"),
                         applies=_on(SECANT),
                         fixed=True),
         "probe": Option("sgd", "str", "probe direction of pairs = probe",
@@ -170,12 +172,16 @@ SCHEMA: dict[str, dict[str, Option]] = {
                               "the probe / T gradients per step)", low=1,
                               applies=_either(
                                   _on(SECANT, pairs=("probe", "shared_probe", "history",
-                                                     "averaged")),
+                                                     "overlap", "averaged")),
                                   _on(DEFLATED))),
         "probe_batch": Option(1.0, "float", "fraction of each minibatch the probe uses (< 1: "
                               "also its base gradient there, cost 2 * fraction)",
                               low=0.0, low_open=True, high=1.0,
                               applies=_on(SECANT, pairs=("probe", "averaged"))),
+        "overlap": Option(0.25, "float", "fraction of each rank's minibatch that the next "
+                          "one shares (y of pairs = overlap is on the shared rows)", low=0.0,
+                          low_open=True, high=0.5, applies=_on(SECANT, pairs=("overlap",)),
+                          fixed=True),
         "local_steps": Option(4, "int", "SGD gradient evaluations per synchronisation of "
                               "pairs = local", low=2, applies=_on(SECANT, pairs=("local",))),
         "pairs_per_rank": Option(1, "int", "k: pairs each rank adds per step", low=1,
@@ -205,7 +211,8 @@ SCHEMA: dict[str, dict[str, Option]] = {
                               "newton_lr (ALGORITHM.md s.8): armijo (backtracking) or wolfe "
                               "(strong Wolfe, no momentum); the SGD fallback is then searched "
                               "too", choices=("none", "armijo", "wolfe"),
-                              applies=_on(SECANT, pairs=("probe", "shared_probe", "history"))),
+                              applies=_on(SECANT, pairs=("probe", "shared_probe", "history",
+                                                         "overlap"))),
         "ls_c1": Option(1e-4, "float", "c1 of the sufficient-decrease condition", low=0.0,
                         low_open=True, high=1.0,
                         applies=_either(_on(SECANT, line_search=("armijo", "wolfe")),
@@ -535,6 +542,10 @@ def _check_combinations(cfg: dict) -> None:
         raise UsageError(f"optim.pairs_per_rank = {o['pairs_per_rank']} is invalid with "
                          f"train.batch_size = {cfg['train']['batch_size']}: the sgd probe "
                          "splits each minibatch into pairs_per_rank sub-batches")
+    if o["name"] == SECANT and o["pairs"] == "overlap" and not cfg["train"]["batch_size"]:
+        raise UsageError("optim.pairs = 'overlap' is invalid with train.batch_size = 0 (full "
+                         "batch: every batch is the last one): use optim.pairs = 'history', "
+                         "whose pairs are then on the whole batch at no cost")
     if o["name"] == SECANT and o["line_search"] == "wolfe" and o["momentum"] != 0:
         raise UsageError(f"optim.momentum = {o['momentum']!r} is invalid with "
                          "optim.line_search = 'wolfe', which searches along the quasi-Newton "

@@ -145,21 +145,35 @@ def _labels(path: Path, split: str, y: np.ndarray) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def overlap_rows(fraction: float, batch_size: int) -> int:
+    """O: rows of a batch of ``batch_size`` that ``fraction`` of it (optim.overlap) shares
+    with the next batch."""
+    return round(fraction * batch_size)
+
+
 class Sampler:
     """Minibatches of one rank's shard without replacement, reshuffled every epoch.
 
     The order depends only on (seed, rank, epoch): epoch e visits the shard in the order
     ``np.random.default_rng([seed, rank, e]).permutation(rows)``, ``batch_size`` rows at a
-    time; the last rows that do not fill a batch are skipped. State: (epoch, position).
+    time; the last rows that do not fill a batch are skipped. With ``overlap`` O > 0 rows
+    (at most half the batch) consecutive batches share O rows: a batch is the last O rows
+    of the one before, then batch_size - O fresh rows (the first batch: batch_size fresh
+    rows); epochs count fresh rows. State: (epoch, position); the shared rows are the last
+    O fresh rows drawn, so they follow from it.
     """
 
-    def __init__(self, rows: int, batch_size: int, seed: int, rank: int):
+    def __init__(self, rows: int, batch_size: int, seed: int, rank: int, overlap: int = 0):
         if batch_size > rows:
             raise UsageError(f"train.batch_size = {batch_size} is larger than the {rows} "
                              "training rows of each rank's shard")
+        if not 0 <= 2 * overlap <= batch_size:
+            raise ValueError(f"overlap {overlap} is not within [0, batch_size / 2]")
         self.rows, self.batch_size, self.seed, self.rank = rows, batch_size, seed, rank
+        self.overlap = overlap
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
+        self._shared = None      # the rows the next batch starts with
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, self.rank, epoch]).permutation(self.rows)
@@ -168,6 +182,10 @@ class Sampler:
         """Continue from state (epoch, position), as saved in a checkpoint."""
         self.epoch, self.position = epoch, position
         self._order = self._permutation(epoch)
+        # position 0: nothing drawn in this epoch (a start, or a resume on another rank
+        # count): the next batch is all fresh rows
+        drawn = self.overlap and position
+        self._shared = self._order[position - self.overlap:position] if drawn else None
 
     @property
     def epochs_done(self) -> float:
@@ -176,10 +194,15 @@ class Sampler:
 
     def next(self) -> np.ndarray:
         """Row indices (into the shard) of the next minibatch, shape (batch_size,)."""
-        if self.position + self.batch_size > self.rows:
+        fresh = self.batch_size - (0 if self._shared is None else self.overlap)
+        if self.position + fresh > self.rows:
             self.epoch += 1
             self.position = 0
             self._order = self._permutation(self.epoch)
-        idx = self._order[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
+        idx = self._order[self.position:self.position + fresh]
+        self.position += fresh
+        if self.overlap:
+            if self._shared is not None:
+                idx = np.concatenate([self._shared, idx])
+            self._shared = idx[self.batch_size - self.overlap:]
         return idx

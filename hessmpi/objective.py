@@ -51,6 +51,7 @@ class Objective:
         self.grad_part = self.grad
         self._grad_whole = False  # grad holds the whole averaged gradient
         self._work = None         # (n,) scratch of a sharded reduction
+        self._piece = None        # (n,) scratch of a gradient evaluated in pieces
         self._scalar = np.zeros(1)
         self._trial = None        # (n + 1,): a trial point's gradient and loss
         self._adopted = False     # _trial holds the gradient at the next step's point
@@ -116,14 +117,40 @@ class Objective:
         self.seconds += time.perf_counter() - started
         return result
 
-    def local_gradient(self, theta, out=None, rows: slice | None = None) -> float:
+    def local_gradient(self, theta, out=None, rows: slice | None = None, pieces=()) -> float:
         """This rank's loss on its batch (or on ``rows`` of it) at ``theta``, its gradient
-        written into ``out`` (default ``grad``); no collective."""
-        x, y = (self.x, self.y) if rows is None else (self.x[rows], self.y[rows])
-        self.grad_evals += len(y) / self.batch_rows
+        written into ``out`` (default ``grad``); no collective. ``pieces``: [(rows, out_i)]
+        of the batch, in order and disjoint, whose own gradients (means over their rows)
+        are also wanted: the batch is then evaluated piece by piece (the rest between them
+        too) and its gradient is their row-weighted sum; the work is the same."""
         if out is None:
             out, self._grad_whole = self.grad, False
+        if pieces:
+            return self._pieced_gradient(theta, out, pieces)
+        x, y = (self.x, self.y) if rows is None else (self.x[rows], self.y[rows])
+        self.grad_evals += len(y) / self.batch_rows
         return float(self._timed(self.model.loss_grad, theta, x, y, out))
+
+    def _pieced_gradient(self, theta, out, pieces) -> float:
+        rows = self.batch_rows
+        cuts, at = [], 0
+        for piece, piece_out in pieces:
+            if piece.start > at:
+                cuts.append((slice(at, piece.start), None))
+            cuts.append((piece, piece_out))
+            at = piece.stop
+        if at < rows:
+            cuts.append((slice(at, rows), None))
+        if self._piece is None:
+            self._piece = self.xp.zeros(self.model.n_params, dtype=self.model.dtype)
+        out[...] = 0
+        loss = 0.0
+        for piece, piece_out in cuts:
+            target = self._piece if piece_out is None else piece_out
+            weight = (piece.stop - piece.start) / rows
+            loss += weight * self.local_gradient(theta, target, rows=piece)
+            out += weight * target
+        return loss
 
     def reduce_gradient(self, local_loss: float) -> float:
         """Average ``grad`` and the loss over the ranks (one Allreduce, which also carries
@@ -173,13 +200,22 @@ class Objective:
         """||the averaged gradient|| of the step (sharded: a collective)."""
         return self.exchange.norm(self.grad_part)
 
+    def average_(self, local, out) -> None:
+        """``out`` <- this rank's part ((n,) with allgather) of the mean over the ranks of
+        ``local`` (n,) (one Allreduce of n, or a reduce-scatter; ``local`` may be
+        overwritten)."""
+        n = self.model.n_params
+        self.exchange.sum_(local, n, out)
+        if out.shape[-1] == n and out is not local:   # a whole part is reduced in place
+            out[...] = local
+        out /= self.comm.size
+
     def mean_gradient_at(self, point, out) -> None:
         """``out`` <- this rank's part ((n,) with allgather) of the averaged gradient at
         ``point`` on the step's batch (one Allreduce of n, or a reduce-scatter)."""
         whole = self._whole_for(out)
         self.local_gradient(point, whole)
-        self.exchange.sum_(whole, self.model.n_params, out)
-        out /= self.comm.size
+        self.average_(whole, out)
 
     def value(self, point) -> float:
         """F on the step's global batch at ``point``: one forward pass per rank and one
@@ -216,8 +252,7 @@ class Objective:
         self.curvature_evals += len(y) / self.batch_rows
         whole = self._whole_for(out)
         self._timed(self.model.curvature_product, theta, v, x, y, whole)
-        self.exchange.sum_(whole, self.model.n_params, out)
-        out /= self.comm.size
+        self.average_(whole, out)
 
     def fisher_diagonal(self, theta, out, rows: slice | None = None) -> None:
         """``out`` (n,) <- the diagonal of the empirical Fisher matrix (mean over the rows of

@@ -26,7 +26,7 @@ from hessmpi import config as config_mod
 from hessmpi.backend import Backend
 from hessmpi.checkpoint import BackgroundWriter, CheckpointError, checkpoint_path, write_checkpoint
 from hessmpi.comm import Communicator
-from hessmpi.data import Sampler, read_shard
+from hessmpi.data import Sampler, overlap_rows, read_shard
 from hessmpi.errors import NonFiniteLoss, RunFailed, RunStopped, UsageError
 from hessmpi.metrics import DIAGNOSTICS, MetricsFile
 from hessmpi.models import model_for, model_identity
@@ -70,6 +70,23 @@ def prepare_output(comm: Communicator, out: Path, resuming: bool) -> None:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot create output directory {out}: {e.strerror}") from None
+
+
+def shared_rows(cfg: dict, batch: int, shard: int) -> int:
+    """O: rows each rank's consecutive batches share (``optim.pairs = "overlap"``; else 0).
+    UsageError where there is nothing to share: a batch of the whole shard, or O < 1."""
+    o = cfg["optim"]
+    if o["name"] != "secant" or o["pairs"] != "overlap":
+        return 0
+    shared = overlap_rows(o["overlap"], batch)
+    if batch == shard:
+        raise UsageError(f"optim.pairs = 'overlap' is invalid with train.batch_size = {batch}"
+                         f", each rank's whole shard of {shard} rows (full batch): use "
+                         "optim.pairs = 'history'")
+    if shared < 1:
+        raise UsageError(f"optim.overlap = {o['overlap']} of train.batch_size = {batch} "
+                         "is less than one row: raise either")
+    return shared
 
 
 def model_signature(cfg: dict, n_features: int, n_classes: int, n_params: int) -> str:
@@ -137,9 +154,10 @@ class Training:
                                         equal=False))
         train, test = shards
         self.train_shard = train
-        self.sampler = comm.collectively(Sampler, len(train.y),
-                                         tcfg["batch_size"] or len(train.y),
-                                         tcfg["seed"], comm.rank)
+        batch = tcfg["batch_size"] or len(train.y)
+        self.sampler = comm.collectively(Sampler, len(train.y), batch, tcfg["seed"],
+                                         comm.rank, overlap=shared_rows(cfg, batch,
+                                                                        len(train.y)))
         x_train, y_train = xp.asarray(train.x, dtype=dtype), xp.asarray(train.y)
         self.x_test, self.y_test = xp.asarray(test.x, dtype=dtype), xp.asarray(test.y)
         self.model = comm.collectively(model_for, cfg["model"], train, xp=xp, dtype=dtype,
@@ -269,8 +287,9 @@ class Run(Training):
             epoch, position = int(np.floor(attrs["epoch"])) + 1, 0
             if self.comm.rank == 0:
                 log(f"warning: resuming on {self.comm.size} ranks a run checkpointed on "
-                    f"{attrs['mpi_size']}: parameters and momentum restored (the workers' secant "
-                    f"pairs are dropped, history pairs kept), the data re-sharded; the "
+                    f"{attrs['mpi_size']}: parameters and momentum restored (secant pairs that "
+                    f"depend on how the rows are split, the workers' and overlap pairs, are "
+                    f"dropped, history pairs kept), the data re-sharded; the "
                     f"sample order changed "
                     f"(from epoch {epoch})")
         self.sampler.restore(int(epoch), int(position))

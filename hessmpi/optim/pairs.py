@@ -9,16 +9,19 @@ has moved). ``cost()`` is the gradient evaluations per rank a step that forms pa
 the step's own gradient; the objective counts what is really evaluated.
 ``reads_own_gradient``: ``before_reduce`` reads this rank's gradient before the
 reduction (else the step's gradient may come whole from the objective, e.g. adopted from
-the last line search). ``contributors``
+the last line search); such a source's ``pieces(step, objective)`` names the pieces of the
+batch whose gradients it wants apart (``Objective.local_gradient``'s ``pieces``; most
+want none). ``contributors``
 and ``k``: the ranks that write rows into one slot and the pairs each writes;
 ``independent_of_ranks``: the pairs are the same on any rank count (a resume on another
 keeps them); ``pending``: a measured pair waits in the next slot (kept in checkpoints).
 
 Layouts (``exchange``, :mod:`hessmpi.optim.exchange`): a worker's own pairs (``probe``,
 ``local``) are formed whole and moved by the exchange; the global pairs every rank forms
-alike (``shared_probe``, ``history``, ``averaged``) are formed part by part in the memory's
-layout, from the parts of the averaged gradient and of the momentum, and gathered whole only
-where a model evaluation needs the whole vector (a probe point, a Gauss-Newton product).
+alike (``shared_probe``, ``history``, ``overlap``, ``averaged``) are formed part by part in
+the memory's layout, from the parts of the averaged gradient and of the momentum, and
+gathered whole only where a model evaluation needs the whole vector (a probe point, a
+Gauss-Newton product).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import math
 
 import numpy as np
 
+from hessmpi.data import overlap_rows
 from hessmpi.optim.memory import PairMemory, damp_
 
 
@@ -50,6 +54,9 @@ class ProbePairs:
         self._work = xp.zeros(n, dtype=dtype)
         self._noise = np.empty(n) if opts.probe == "random" else None
         self._base = xp.zeros(n, dtype=dtype) if opts.probe_batch < 1 else None
+
+    def pieces(self, step: int, objective) -> tuple:
+        return ()
 
     def cost(self) -> float:
         f, k = self.o.probe_batch, self.k
@@ -166,6 +173,9 @@ class DriftPairs:
         self.forming = True
         self._work = xp.zeros(n, dtype=dtype)
 
+    def pieces(self, step: int, objective) -> tuple:
+        return ()
+
     def cost(self) -> float:
         return self.o.local_steps - 1.0
 
@@ -262,6 +272,80 @@ class HistoryPairs:
         self.pending = True
 
 
+class OverlapPairs:
+    """``pairs = "overlap"`` (multi-batch L-BFGS, Berahas, Nocedal & Takac 2016): the
+    sampler makes consecutive batches share O rows per rank (``overlap`` of the batch: the
+    last O rows of a batch are the first O of the next), and the pair of a step is
+    s = theta_{t+1} - theta_t and y = g_O(theta_{t+1}) - g_O(theta_t), the change of the
+    averaged gradient on the union of the ranks' shared rows: both terms on the same rows,
+    so y carries no sampling noise. The step's gradient is evaluated in pieces (the shared
+    rows at both ends apart: :meth:`Objective.local_gradient`), so a pair costs no
+    gradient evaluation, only two Allreduces of n: the tail's gradient averaged at theta_t
+    (kept until the next step, and in checkpoints: ``pending``) and the head's at
+    theta_{t+1}. One global pair per ``probe_every`` steps, formed at the next step; its
+    rows depend on how the data are split, so a resume on another rank count starts with
+    an empty memory."""
+
+    independent_of_ranks = False
+    reads_own_gradient = True
+
+    def __init__(self, opts, *, n: int, xp, dtype, exchange):
+        self.o, self.xp, self.exchange = opts, xp, exchange
+        self.contributors, self.k = 1, 1
+        self.pending = False     # the tail's averaged gradient at the last point is held
+        self._want_head = self._want_tail = False
+        self._head = xp.zeros(n, dtype=dtype)   # this rank's gradient on the shared rows
+        self._tail = xp.zeros(n, dtype=dtype)
+        self._tail_mean = xp.zeros(exchange.part_size, dtype=dtype)
+        self._work = xp.zeros(exchange.part_size, dtype=dtype)
+        self._objective = None
+
+    def cost(self) -> float:
+        return 0.0
+
+    def state(self) -> dict:
+        return {"pairs_tail": self.exchange.gathered(self._tail_mean)}
+
+    def load_state(self, state: dict) -> None:
+        self._tail_mean[...] = self.xp.asarray(self.exchange.part(state["pairs_tail"]))
+
+    def pieces(self, step: int, objective) -> list:
+        """The head (the rows shared with the last batch) if a pair is due, the tail (the
+        rows shared with the next) if this step's pair is formed."""
+        self._objective = objective
+        rows = objective.batch_rows
+        shared = overlap_rows(self.o.overlap, rows)
+        self._want_head = self.pending
+        self._want_tail = step % self.o.probe_every == 0
+        return ([(slice(0, shared), self._head)] if self._want_head else []) + (
+            [(slice(rows - shared, rows), self._tail)] if self._want_tail else [])
+
+    def before_reduce(self, step: int, theta, objective, lr: float,
+                      memory: PairMemory) -> None:
+        pass
+
+    def after_reduce(self, theta, grad, memory: PairMemory, damping: float, last_step
+                     ) -> int | None:
+        """The last step's pair from the head's averaged gradient and the tail's kept one;
+        then the tail's averaged gradient of this step kept for the next pair."""
+        slot = None
+        if self._want_head:
+            s_rows, y_rows = memory.own_rows(memory.next_slot)
+            self._objective.average_(self._head, y_rows[0])
+            y_rows[0] -= self._tail_mean
+            self.xp.negative(last_step, out=s_rows[0])
+            if damping:
+                damp_(self.xp, s_rows, y_rows, damping, self._work)
+            slot = memory.commit()
+        if self._want_tail:
+            self._objective.average_(self._tail, self._tail_mean)
+        self.pending = self._want_tail
+        return slot
+
+    def after_step(self, theta, objective, memory, last_step) -> None:
+        pass
+
+
 class AveragedPairs:
     """``pairs = "averaged"`` (SQN, Byrd, Hansen, Nocedal & Singer 2016): every
     ``probe_every`` L steps the average of the last L iterates, theta_bar; the pair is
@@ -343,6 +427,8 @@ def build_pair_source(opts, *, n: int, comm, seed: int, full_batch: bool, xp, dt
                           exchange=exchange)
     if opts.pairs == "shared_probe":
         return SharedProbePairs(opts, n=n, xp=xp, dtype=dtype, exchange=exchange)
+    if opts.pairs == "overlap":
+        return OverlapPairs(opts, n=n, xp=xp, dtype=dtype, exchange=exchange)
     if opts.pairs == "averaged":
         return AveragedPairs(opts, n=n, xp=xp, dtype=dtype, exchange=exchange)
     if opts.pairs == "local":

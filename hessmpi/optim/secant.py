@@ -151,7 +151,7 @@ class Secant:
     def step(self, theta, objective, lr: float) -> StepInfo:
         o, memory, source = self.o, self.memory, self.source
         if source.reads_own_gradient:
-            loss = objective.local_gradient(theta)
+            loss = objective.local_gradient(theta, pieces=source.pieces(self.steps, objective))
             source.before_reduce(self.steps, theta, objective, lr, memory)
             loss = objective.reduce_gradient(loss)
         else:

@@ -1,5 +1,6 @@
-"""History pairs (``optim.pairs = "history"``) through ``hessmpi train`` and ``--resume``,
-under real MPI, with real HDF5 checkpoints.
+"""History pairs (``optim.pairs = "history"``, and ``"overlap"``, the same step with y on
+the rows consecutive batches share) through ``hessmpi train`` and ``--resume``, under real
+MPI, with real HDF5 checkpoints.
 
 Each test compares with something the resumed run did not produce: the final checkpoint and
 metrics rows of an uninterrupted run of the same configuration (byte for byte), the pair
@@ -31,15 +32,17 @@ TIMEOUT = 60
 LBFGS = ["optim.name=secant", "optim.pairs=history", "optim.line_search=armijo",
          "optim.newton_lr=1", "optim.momentum=0", "optim.damping=0", "optim.h0=bb",
          "optim.max_step_ratio=1e4", f"optim.memory={MEMORY}", "optim.lr=0.5"]
-BATCHES = {"full-batch": N_TRAIN // 2, "minibatch": 16}
+#: kind: (rows per rank and batch, the sets beyond LBFGS)
+BATCHES = {"full-batch": (N_TRAIN // 2, []), "minibatch": (16, []),
+           "overlap": (16, ["optim.pairs=overlap", "optim.overlap=0.25"])}
 
 
 # ----- helpers -------------------------------------------------------------------------------
-def base_sets(data: Path, batch: int) -> list[str]:
+def base_sets(data: Path, batch: int, *more: str) -> list[str]:
     return [f"data.path={data}", "model.name=mlp", "model.hidden=[8]",
             f"train.batch_size={batch}", "train.seed=5", "train.log_every=4",
             "train.eval_every=8", f"checkpoint.every={HALF}", "checkpoint.keep=3",
-            "backend.threads=1", "optim.check_every=4", *LBFGS]
+            "backend.threads=1", "optim.check_every=4", *LBFGS, *more]
 
 
 def ok(result: Result) -> Result:
@@ -116,7 +119,8 @@ def reference_runs(workdir, data):
     def get(kind: str) -> dict:
         if kind not in built:
             base = workdir / kind
-            sets = base_sets(data, BATCHES[kind])
+            batch, more = BATCHES[kind]
+            sets = base_sets(data, batch, *more)
             straight, half = base / "straight", base / "half"
             new_run(straight, [*sets, f"train.steps={N}"])
             new_run(half, [*sets, f"train.steps={HALF}"])
@@ -134,18 +138,21 @@ def reference_runs(workdir, data):
 def test_resume_continues_history_pairs_bit_for_bit(kind, reference_runs):
     """N/2 steps and --resume to N give the straight run's final checkpoint and metrics rows
     byte for byte. Below full batch every step forms a pair (probe_every 1), so the
-    checkpoint of step N/2 holds a pair measured but not yet committed (pending); at full
-    batch none is pending and the line search's trials are the only gradients (the accepted
-    one the next step's), no forward passes."""
+    checkpoint of step N/2 holds a pair measured but not yet committed (pending; overlap
+    pairs: the shared rows' averaged gradient, and the sampler's shared rows follow from its
+    position); at full batch none is pending and the line search's trials are the only
+    gradients (the accepted one the next step's), no forward passes. A history pair below
+    full batch costs one gradient a step, an overlap pair none."""
     runs = reference_runs(kind)
     full = kind == "full-batch"
+    per_step = 1 if kind == "overlap" else 2
     mid, mid_attrs = checkpoint(runs["half"], HALF)
     # HALF steps: pairs of steps 0..HALF-2 committed, step HALF-1's pending below full batch
     assert ring(mid) == (MEMORY, (HALF - 1) % MEMORY, HALF, 0 if full else 1)
     if full:
         assert mid_attrs["grad_evals"] >= HALF and mid_attrs["forward_evals"] == 0
     else:
-        assert mid_attrs["grad_evals"] == HALF * 2
+        assert mid_attrs["grad_evals"] == HALF * per_step
     assert f"step {HALF}" in runs["result"].stdout
     assert_same_state(checkpoint(runs["resumed"], N), checkpoint(runs["straight"], N))
     attrs, got = read_metrics(runs["resumed"] / "metrics.h5")
@@ -158,7 +165,7 @@ def test_resume_continues_history_pairs_bit_for_bit(kind, reference_runs):
     if full:     # the trials' gradients: at least one a step, no forward passes
         assert np.all(got["grad_evals"] >= got["step"]) and not got["forward_evals"].any()
     else:
-        assert np.all(got["grad_evals"] == got["step"] * 2)
+        assert np.all(got["grad_evals"] == got["step"] * per_step)
 
 
 def test_resume_on_three_ranks_keeps_the_history_memory(reference_runs, tmp_path):
@@ -191,6 +198,25 @@ def test_resume_on_three_ranks_keeps_the_history_memory(reference_runs, tmp_path
     assert m_attrs["status"] == "finished" and m_attrs["mpi_size"] == 3
 
 
+def test_overlap_pairs_resumed_on_three_ranks_start_again(reference_runs, tmp_path):
+    """Overlap pairs depend on how the rows are split: the overlap run checkpointed on 2
+    ranks, resumed on 3 for two steps, says it drops them, starts the re-sharded sampler on
+    whole fresh batches, and forms its next pair from the rows its own batches share."""
+    runs = reference_runs("overlap")
+    out = tmp_path / "run"
+    shutil.copytree(runs["half"], out)
+    result = resume(out, f"train.steps={HALF + 2}", n=3)
+    warning = [line for line in (result.stdout + result.stderr).splitlines()
+               if "warning: resuming on 3 ranks" in line]
+    assert len(warning) == 1 and "overlap pairs, are dropped" in warning[0], str(result)
+    after, attrs = checkpoint(out, HALF + 2)
+    # the first step after the resume has no pairs; it keeps its tail, the second commits
+    assert ring(after) == (1, 1, HALF + 2, 1), ring(after)
+    assert attrs["grad_evals"] == HALF + 2
+    m_attrs, _ = read_metrics(out / "metrics.h5")
+    assert json.loads(m_attrs["fallback_reasons"])["no_pairs"] == 2
+
+
 # ----- configuration errors ------------------------------------------------------------------
 @pytest.mark.parametrize("override", ["optim.pairs_per_rank=2", "optim.probe_batch=0.5"])
 def test_history_with_a_probe_option_exits_2(override, data, tmp_path):
@@ -221,3 +247,23 @@ def test_batch_size_zero_is_the_whole_shard_on_any_rank_count(data, tmp_path):
     assert cols["forward_evals"][-1] == 0 and steps <= cols["grad_evals"][-1] < 2 * steps
     report = hessmpi("report", zero)
     assert report.rc == 0 and " full " in report.stdout, str(report)
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["train.batch_size=0"], "train.batch_size = 0"),
+    (["train.batch_size=120"], "each rank's whole shard of 120 rows"),
+    (["train.batch_size=16", "optim.overlap=0.01"], "less than one row"),
+    (["train.batch_size=16", "optim.overlap=0.75"], "optim.overlap"),
+])
+def test_overlap_pairs_without_rows_to_share_exit_2(sets, needle, data, tmp_path):
+    """Overlap pairs need rows that consecutive batches share: refused (exit 2, one error
+    line, no results file) at full batch (batch_size 0, or the whole shard of 120 rows on
+    2 ranks), below one shared row, and above half the batch."""
+    out = tmp_path / "out"
+    result = train(*set_args([*base_sets(data, 16), "optim.pairs=overlap", *sets,
+                              "train.steps=2"]), "--out", out, timeout=TIMEOUT)
+    assert result.rc == 2, str(result)
+    errors = [line for line in result.stderr.splitlines() if "hessmpi: error" in line]
+    assert len(errors) == 1 and needle in errors[0], str(result)
+    assert "Traceback" not in result.stdout + result.stderr, str(result)
+    assert not (out / "metrics.h5").exists()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from harness import gathered
-from mpicheck import assert_all, assert_identical
+from mpicheck import assert_all, assert_identical, raises_everywhere
 from toymodels import rank_rows
 
 import hessmpi
@@ -39,3 +39,25 @@ def test_steps_on_each_ranks_rows_are_steps_on_the_global_batch(comm):
     total, correct = model.evaluate(opt.theta, xs, ys)
     assert_all(comm, abs(loss - total / len(ys)) < 1e-12 and acc == correct / len(ys))
     opt.check_consistency()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_overlap_pairs_refuse_batches_that_do_not_share_rows(comm):
+    """pairs = "overlap" through the API: batches from an overlapping Sampler step; a batch
+    that does not start with the last batch's shared rows on one rank only is refused on
+    every rank (UsageError naming the Sampler's overlap), before any collective of the step."""
+    x, y = rank_rows(comm.rank, seed=1, label_seed=2, spread=0.5)      # 24 rows
+    model = DenseNet([5, 3], "relu", 1e-3, dtype=np.float64)
+    opt = hessmpi.DistributedOptimizer(model, comm=comm, optim={
+        "name": "secant", "pairs": "overlap", "overlap": 0.25, "curvature": "lbfgs",
+        "memory": 4, "lr": 0.1})
+    sampler = hessmpi.Sampler(len(y), 8, seed=0, rank=comm.rank, overlap=2)
+    for _ in range(3):
+        rows = sampler.next()
+        opt.step(x[rows], y[rows])
+    rows = sampler.next()
+    if comm.rank == 1:
+        rows = rows[::-1].copy()
+    raises_everywhere(comm, hessmpi.errors.UsageError, opt.step, x[rows], y[rows],
+                      match="overlap=2")
+    assert_all(comm, opt.optimizer.memory.filled == 2, f"{opt.optimizer.memory.filled}")

@@ -52,6 +52,8 @@ CASES = {
                                  "optim.memory=2"],
     "shared-probe": [*SECANT, "optim.pairs=shared_probe", "optim.memory=2",
                      "optim.damping=0.5"],
+    "overlap-armijo": [*SECANT, "optim.pairs=overlap", "optim.overlap=0.25",
+                       "optim.memory=3", "optim.line_search=armijo", "optim.curvature=lbfgs"],
     "averaged": [*SECANT, "optim.pairs=averaged", "optim.probe_every=3", "optim.memory=3",
                  "optim.curvature=lbfgs"],
     "deflated": ["optim.name=deflated", "optim.lr=0.05", "optim.pairs_per_rank=2",

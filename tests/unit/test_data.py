@@ -293,3 +293,58 @@ def test_sampler_batch_size_checks():
     with pytest.raises(UsageError) as exc:
         Sampler(5, 6, seed=0, rank=0)
     assert "batch_size" in str(exc.value) and "6" in str(exc.value) and "5" in str(exc.value)
+
+
+# ----- Sampler with overlap (optim.pairs = "overlap") -----------------------------------------
+@pytest.mark.parametrize(("rows", "batch", "shared"), [(40, 8, 2), (23, 6, 3), (30, 7, 1)])
+def test_overlapping_batches_share_their_ends_and_draw_fresh_rows(rows, batch, shared):
+    """Batch t+1 starts with the last O rows of batch t; the rest of it is the next rows
+    of the documented epoch order (the first batch: batch_size of them), an epoch skipping
+    the rows that do not fill the fresh part; epochs count fresh rows."""
+    sampler = Sampler(rows, batch, seed=4, rank=1, overlap=shared)
+    fresh = batch - shared
+    batches = draw(sampler, 3 * rows // fresh)
+    assert all(b.shape == (batch,) for b in batches)
+    stream, epoch, at = [], 0, 0   # the fresh rows the documented order gives
+    order = np.random.default_rng([4, 1, 0]).permutation(rows)
+    for t, b in enumerate(batches):
+        take = batch if t == 0 else fresh
+        if at + take > rows:
+            epoch, at = epoch + 1, 0
+            order = np.random.default_rng([4, 1, epoch]).permutation(rows)
+        stream.append(order[at:at + take])
+        at += take
+        if t:
+            np.testing.assert_array_equal(b[:shared], batches[t - 1][-shared:])
+            np.testing.assert_array_equal(b[shared:], stream[-1])
+        else:
+            np.testing.assert_array_equal(b, stream[0])
+    assert (sampler.epoch, sampler.position) == (epoch, at)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 5, 6, 11])
+def test_an_overlapping_sampler_restored_continues_the_same_batches(cut):
+    """Restored from (epoch, position) after any batch, epoch ends included, a new sampler
+    gives the batches the straight one gives (the shared rows follow from the position)."""
+    straight = draw(Sampler(23, 6, seed=2, rank=0, overlap=3), 14)
+    first = Sampler(23, 6, seed=2, rank=0, overlap=3)
+    draw(first, cut)
+    again = Sampler(23, 6, seed=2, rank=0, overlap=3)
+    again.restore(first.epoch, first.position)
+    for want, got in zip(straight[cut:], draw(again, 14 - cut), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shared", [-1, 4])
+def test_an_overlap_beyond_half_the_batch_is_refused(shared):
+    with pytest.raises(ValueError, match="overlap"):
+        Sampler(20, 7, seed=0, rank=0, overlap=shared)
+
+
+def test_an_overlapping_sampler_restored_at_an_epochs_start_draws_a_whole_fresh_batch():
+    """Position 0 (a resume on another rank count restarts at the next epoch's start):
+    nothing is shared yet, the batch is batch_size fresh rows of that epoch's order."""
+    sampler = Sampler(23, 6, seed=2, rank=0, overlap=3)
+    sampler.restore(2, 0)
+    np.testing.assert_array_equal(sampler.next(),
+                                  np.random.default_rng([2, 0, 2]).permutation(23)[:6])

@@ -71,6 +71,28 @@ def test_gradient_into_out_and_on_rows_of_the_batch(problem, comm):
     assert objective.grad_evals == 1 + 11 / B
 
 
+@pytest.mark.parametrize("cuts", [[(0, 8), (24, 32)], [(0, 16), (16, 32)], [(5, 9)],
+                                  [(24, 32)]])
+def test_a_gradient_in_pieces_is_the_batchs_and_each_pieces(problem, comm, cuts):
+    """``pieces``: the batch's loss and gradient are the one-pass ones (to round-off), each
+    piece's gradient is the model's on its rows alone, and the work counted is one
+    gradient."""
+    objective, x, y = on_batch(problem, comm)
+    theta = problem.theta
+    want = np.empty(problem.model.n_params)
+    want_loss = float(problem.model.loss_grad(theta, x, y, want))
+    outs = [np.full_like(want, np.nan) for _ in cuts]
+    loss = objective.local_gradient(theta, pieces=[(slice(a, b), out) for (a, b), out
+                                                   in zip(cuts, outs, strict=True)])
+    assert loss == pytest.approx(want_loss, rel=1e-14)
+    np.testing.assert_allclose(objective.grad, want, rtol=1e-13, atol=1e-16)
+    for (a, b), out in zip(cuts, outs, strict=True):
+        g = np.empty_like(want)
+        problem.model.loss_grad(theta, x[a:b], y[a:b], g)
+        np.testing.assert_array_equal(out, g)
+    assert objective.grad_evals == pytest.approx(1.0, abs=1e-15)
+
+
 def test_mean_gradient_at_another_point(problem, comm):
     objective, x, y = on_batch(problem, comm)
     objective.local_gradient(problem.theta)
