@@ -55,6 +55,7 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_num_threads(1)                  # one core per rank
+    torch.manual_seed(args.seed)              # the module's initial weights (rank 0's are used)
     train = hessmpi.read_shard(args.data, "train")
     test = hessmpi.read_shard(args.data, "test")
     height, width = train.image_shape[:2]

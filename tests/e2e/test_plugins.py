@@ -165,7 +165,9 @@ def test_the_cnn_trains_on_a_fashion_mnist_file(tmp_path):
 @needs_torch
 def test_the_example_script_trains_on_two_ranks(tmp_path):
     """examples/torch_fashion_mnist.py: on 2,000 rows of the real Fashion-MNIST test
-    files where this machine has them, else on the Fashion-MNIST-format stand-in."""
+    files where this machine has them, else on the Fashion-MNIST-format stand-in. The
+    script seeds the module's initial weights, so the run is the same every time (unseeded,
+    40 steps fell below 0.4 in about one run in five)."""
     if FASHION.is_dir():
         data = tmp_path / "fashion.h5"
         result = hessmpi("data", "fashion-mnist", "--images",
@@ -177,10 +179,10 @@ def test_the_example_script_trains_on_two_ranks(tmp_path):
         data = fashion_like(tmp_path)
     result = run([*mpiexec(2), sys.executable, "-m", "mpi4py",
                   REPO / "examples" / "torch_fashion_mnist.py", "--data", data, "--steps",
-                  "40", "--batch", "32"], cwd=tmp_path, timeout=120)
+                  "80", "--batch", "32"], cwd=tmp_path, timeout=120)
     assert result.rc == 0, str(result)
     last = result.stdout.strip().splitlines()[-1]
-    assert "40 steps on 2 ranks" in last and "identical parameters on every rank" in last
+    assert "80 steps on 2 ranks" in last and "identical parameters on every rank" in last
     accuracy = float(last.split("test accuracy ")[1].split(";")[0])
     assert accuracy > 0.4, last                 # chance is 0.1
 
