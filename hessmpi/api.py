@@ -147,6 +147,9 @@ class DistributedOptimizer:
 
     def _check_shared(self, x, y) -> None:
         shared = overlap_rows(self.options.overlap, len(y))
+        if shared < 1:
+            raise UsageError(f"optim.overlap = {self.options.overlap} of a batch of {len(y)} "
+                             "rows is less than one row: raise either")
         ok = not self._shared or all(
             bool(self.model.xp.array_equal(a, b))
             for a, b in zip(self._shared, (x[:shared], y[:shared]), strict=True))

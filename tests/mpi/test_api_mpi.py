@@ -61,3 +61,5 @@ def test_overlap_pairs_refuse_batches_that_do_not_share_rows(comm):
     raises_everywhere(comm, hessmpi.errors.UsageError, opt.step, x[rows], y[rows],
                       match="overlap=2")
     assert_all(comm, opt.optimizer.memory.filled == 2, f"{opt.optimizer.memory.filled}")
+    raises_everywhere(comm, hessmpi.errors.UsageError, opt.step, x[:2], y[:2],
+                      match="less than one row")           # 0.25 of 2 rows rounds to 0
