@@ -36,6 +36,7 @@ from hessmpi.models.torch_adapter import TorchModel
 from hessmpi.objective import Objective
 from hessmpi.optim import StepInfo, build_optimizer
 from hessmpi.optim.schedule import Schedule
+from hessmpi.progressive import BatchTest
 
 __all__ = ["DistributedOptimizer", "FunctionModel", "Sampler", "StepInfo", "TorchModel",
            "read_shard"]
@@ -115,9 +116,21 @@ class DistributedOptimizer:
         self.objective = Objective(model, self.comm, full_batch=full_batch)
         self.optimizer = build_optimizer(self.options, self.theta, self.objective, seed=seed)
         self.steps = 0
+        if getattr(self.options, "batch_test", "none") != "none":
+            o = self.options
+            self.objective.batch_test = BatchTest(self.comm, model.xp, model.dtype,
+                                                  model.n_params, k=o.batch_pieces,
+                                                  theta=o.batch_theta, nu=o.batch_nu)
         # pairs = "overlap": the rows the next batch must start with
         overlap = getattr(self.options, "pairs", None) == "overlap"
         self._shared = [] if overlap else None
+
+    @property
+    def requested_batch(self) -> float:
+        """With ``optim.batch_test``: the global batch (rows, all ranks) its variance test
+        asked for at the last step; draw the next batch at least that large, every rank's
+        part the same size (0 without the test)."""
+        return self.objective.requested_batch
 
     @property
     def rank(self) -> int:

@@ -605,7 +605,8 @@ class AsyncRun:
                 last_loss = t.mean("loss")
                 t.bytes_sent, bytes_mark = self.comm.bytes_sent - bytes_mark, self.comm.bytes_sent
                 row = {
-                    "step": done, "epoch": self.epoch, "wall_time": wall,
+                    "step": done, "epoch": self.epoch, "batch": tcfg["batch_size"] or math.nan,
+                    "wall_time": wall,
                     "train_loss": last_loss, "grad_evals": self.grad_evals,
                     "forward_evals": 0, "curvature_evals": 0.0, "cg_iters": math.nan,
                     "hf_lambda": math.nan, "staleness_mean": t.mean("stale"),

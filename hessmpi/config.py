@@ -223,6 +223,23 @@ SCHEMA: dict[str, dict[str, Option]] = {
                                 "step before the SGD fallback", low=1,
                                 applies=_either(_on(SECANT, line_search=("armijo", "wolfe")),
                                                 _on(HESSIAN_FREE))),
+        # --- progressive batching (hessmpi.progressive; Bollapragada et al. 2018) ---
+        "batch_test": Option("none", "str", "grow the batch when a variance test says noise "
+                             "dominates: none, or inner_product (the augmented inner-product "
+                             "test on every step's gradient; train.batch_size is the first "
+                             "batch, up to the whole shard)", choices=("none", "inner_product"),
+                             applies=_either(_on(SGD, ADAM, HESSIAN_FREE),
+                                             _on(SECANT, pairs=("shared_probe", "history",
+                                                                "averaged"))),
+                             fixed=True),
+        "batch_theta": Option(0.9, "float", "theta of the inner-product test", low=0.0,
+                              low_open=True, applies=_on("*", batch_test=("inner_product",))),
+        "batch_nu": Option(5.84, "float", "nu of the orthogonality test (5.84: an angle of "
+                           "about 80 degrees, the papers' value)", low=0.0, low_open=True,
+                           applies=_on("*", batch_test=("inner_product",))),
+        "batch_pieces": Option(4, "int", "K: pieces of each rank's part of the batch whose "
+                               "gradients estimate the variances (the same work)", low=2,
+                               applies=_on("*", batch_test=("inner_product",))),
         # --- distributed Hessian-free (Martens 2010; He et al. 2016) ---
         "hf_damping": Option(1.0, "float", "initial Levenberg-Marquardt lambda of (G + lambda "
                              "I) d = -g", low=0.0, low_open=True, applies=_on(HESSIAN_FREE)),
@@ -546,10 +563,26 @@ def _check_combinations(cfg: dict) -> None:
         raise UsageError("optim.pairs = 'overlap' is invalid with train.batch_size = 0 (full "
                          "batch: every batch is the last one): use optim.pairs = 'history', "
                          "whose pairs are then on the whole batch at no cost")
+    if o["batch_test"] != "none":
+        _check_batch_test(cfg)
     if o["name"] == SECANT and o["line_search"] == "wolfe" and o["momentum"] != 0:
         raise UsageError(f"optim.momentum = {o['momentum']!r} is invalid with "
                          "optim.line_search = 'wolfe', which searches along the quasi-Newton "
                          "direction alone: use optim.momentum = 0")
+
+
+def _check_batch_test(cfg: dict) -> None:
+    o, batch = cfg["optim"], cfg["train"]["batch_size"]
+    said = f"optim.batch_test = {o['batch_test']!r} is invalid with "
+    if not batch:
+        raise UsageError(said + "train.batch_size = 0 (full batch: there is no larger batch "
+                         "to grow to): give the first batch per rank")
+    if o["exchange"] != "allgather":
+        raise UsageError(said + f"optim.exchange = {o['exchange']!r} (the test needs the "
+                         "whole gradient on every rank): use optim.exchange = 'allgather'")
+    if o["batch_pieces"] > batch:
+        raise UsageError(f"optim.batch_pieces = {o['batch_pieces']} is invalid with "
+                         f"train.batch_size = {batch}: every piece needs a row")
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "int_list": list,

@@ -187,6 +187,14 @@ class Sampler:
         drawn = self.overlap and position
         self._shared = self._order[position - self.overlap:position] if drawn else None
 
+    def resize(self, batch_size: int) -> None:
+        """Draw batches of ``batch_size`` (<= the shard's rows) from the next one on
+        (progressive batching; not with overlap)."""
+        if self.overlap or not 0 < batch_size <= self.rows:
+            raise ValueError(f"cannot resize to {batch_size} rows (overlap {self.overlap}, "
+                             f"{self.rows} rows)")
+        self.batch_size = batch_size
+
     @property
     def epochs_done(self) -> float:
         """Fractional passes over the shard so far."""

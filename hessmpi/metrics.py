@@ -38,10 +38,11 @@ COLUMNS: dict[str, str] = {
     "hf_lambda": "f8",     # hessian_free: Levenberg-Marquardt lambda after the step (NaN else)
     "staleness_mean": "f8",  # asgd/dcasgd: mean over the row's updates of the updates applied
     "staleness_max": "f8",   # between the worker's fetch and its push, and the max (NaN else)
+    "batch": "f8",         # rows of the logged step's global batch (asgd/dcasgd: one push's)
 }
 #: Columns added after the first release, with the value they hold in older files' rows.
 ADDED = {"curvature_evals": 0.0, "cg_iters": np.nan, "hf_lambda": np.nan,
-         "staleness_mean": np.nan, "staleness_max": np.nan}
+         "staleness_mean": np.nan, "staleness_max": np.nan, "batch": np.nan}
 #: The columns that only some methods fill (NaN in the others' rows): a synchronous
 #: optimizer's from its StepInfo.diagnostics, the asynchronous server the staleness.
 DIAGNOSTICS = ("cg_iters", "hf_lambda", "staleness_mean", "staleness_max")

@@ -36,7 +36,9 @@ class Objective:
     ``grad_evals`` (an evaluation on r of the batch's B rows counts r / B), ``forward_evals``,
     ``curvature_evals``; ``seconds``: wall time inside model evaluations. ``stop_flag``:
     this rank's value sent with the next gradient Allreduce; ``stop_requested``: whether any
-    rank's was non-zero.
+    rank's was non-zero. ``batch_test``: a :class:`hessmpi.progressive.BatchTest` that
+    :meth:`gradient` runs (needs the whole gradient: allgather exchange);
+    ``requested_batch``: the global batch (rows) it last asked for.
     """
 
     def __init__(self, model, comm, x=None, y=None, sampler=None, *, full_batch: bool = False):
@@ -63,6 +65,8 @@ class Objective:
         self.seconds = 0.0
         self.stop_flag = 0
         self.stop_requested = False
+        self.batch_test = None       # a progressive.BatchTest run with every gradient()
+        self.requested_batch = 0.0   # the global batch its last run asked for (rows)
         from hessmpi.optim.exchange import AllgatherExchange
 
         self.exchange = AllgatherExchange(comm, n)
@@ -144,12 +148,13 @@ class Objective:
         if self._piece is None:
             self._piece = self.xp.zeros(self.model.n_params, dtype=self.model.dtype)
         out[...] = 0
-        loss = 0.0
+        loss, counted = 0.0, self.grad_evals
         for piece, piece_out in cuts:
             target = self._piece if piece_out is None else piece_out
             weight = (piece.stop - piece.start) / rows
             loss += weight * self.local_gradient(theta, target, rows=piece)
             out += weight * target
+        self.grad_evals = counted + 1.0    # one whole gradient, not a sum of rounded parts
         return loss
 
     def reduce_gradient(self, local_loss: float) -> float:
@@ -174,9 +179,15 @@ class Objective:
         """The global loss at ``theta``; ``grad`` becomes the averaged gradient. If a line
         search adopted its accepted trial (at full batch, ``theta`` is that trial), its
         gradient is taken without evaluating again; the stop flag still travels (an
-        Allreduce of one float)."""
+        Allreduce of one float). With a ``batch_test`` the batch is evaluated in its pieces
+        (the same work) and ``requested_batch`` set (one more Allreduce, of two floats)."""
         if not self._adopted:
-            return self.reduce_gradient(self.local_gradient(theta))
+            if self.batch_test is None:
+                return self.reduce_gradient(self.local_gradient(theta))
+            loss = self.reduce_gradient(self.local_gradient(
+                theta, pieces=self.batch_test.pieces(self.batch_rows)))
+            self.requested_batch = self.batch_test.requested(self.grad)
+            return loss
         self._adopted = False
         n = self.model.n_params
         self.grad[...] = self._trial[:n]

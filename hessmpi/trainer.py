@@ -34,6 +34,7 @@ from hessmpi.objective import Objective
 from hessmpi.optim import StepInfo, build_optimizer, state_bytes
 from hessmpi.optim.schedule import Schedule
 from hessmpi.progress import Progress
+from hessmpi.progressive import BatchTest
 from hessmpi.watch import Watch
 
 
@@ -171,6 +172,20 @@ class Training:
         self.optimizer = build_optimizer(config_mod.options(cfg, "optim"), self.theta,
                                          self.objective, seed=tcfg["seed"])
         self.schedule = Schedule.from_config(cfg)
+        o = cfg["optim"]
+        if o["batch_test"] != "none":
+            self.objective.batch_test = BatchTest(comm, xp, dtype, self.model.n_params,
+                                                  k=o["batch_pieces"], theta=o["batch_theta"],
+                                                  nu=o["batch_nu"])
+
+    def grow_batch(self, global_rows: float) -> None:
+        """Draw each rank's part of a global batch of at least ``global_rows`` rows from the
+        next step on (never fewer rows than now, at most the whole shard)."""
+        shard = self.sampler.rows
+        per_rank = (shard if not math.isfinite(global_rows)
+                    else min(shard, math.ceil(global_rows / self.comm.size)))
+        if per_rank > self.sampler.batch_size:
+            self.sampler.resize(per_rank)
 
     def step(self, step: int, interval: Interval | None = None) -> StepInfo:
         """Optimizer step number ``step`` (0-based) on this rank's next minibatch; the step's
@@ -186,6 +201,8 @@ class Training:
         except NonFiniteLoss as e:
             raise RunFailed(f"the training loss is {e.value} at step {step + 1} "
                             "(the run diverged: lower optim.lr)") from None
+        if objective.batch_test is not None:
+            self.grow_batch(objective.requested_batch)
         self.backend.synchronize()
         if interval is not None:
             elapsed = time.perf_counter() - started
@@ -257,8 +274,8 @@ class Run(Training):
         arrays.update({f"optim/{k}": host(v) for k, v in optim_state.items()})
         arrays.update({f"objective/{k}": host(v) for k, v in self.objective.state().items()})
         attrs = {"step": step, "epoch": self.sampler.epochs_done,
-                 **self.objective.counters(), "wall_time": wall,
-                 "first_loss": self.watch.first_loss,
+                 "batch_rows": self.sampler.batch_size, **self.objective.counters(),
+                 "wall_time": wall, "first_loss": self.watch.first_loss,
                  "config": config_mod.to_toml(self.cfg),
                  "mpi_size": self.comm.size, "hessmpi_version": __version__,
                  "signature": self.signature}
@@ -293,6 +310,8 @@ class Run(Training):
                     f"sample order changed "
                     f"(from epoch {epoch})")
         self.sampler.restore(int(epoch), int(position))
+        if self.objective.batch_test is not None:   # the batch it had grown to
+            self.grow_batch(int(attrs["batch_rows"]) * int(attrs["mpi_size"]))
         self.start_step = int(attrs["step"])
         self.objective.restore_counters(attrs)
         self.watch.first_loss = attrs.get("first_loss")
@@ -372,10 +391,13 @@ class Run(Training):
         every = self.cfg["checkpoint"]["every"]
         steps = tcfg["steps"]
         progress = Progress(steps, first=self.start_step) if self.comm.rank == 0 else None
+        growing = self.objective.batch_test is not None
         if progress:
             log(f"{self.cfg['model']['name']} with {self.model.n_params:,} parameters, "
                 f"{self.cfg['optim']['name']} on {self.comm.size} rank(s), batch "
-                f"{tcfg['batch_size']} per rank, {self.backend.name}/{self.backend.dtype} with "
+                f"{tcfg['batch_size']} per rank"
+                + (" (grown by the inner-product test)" if growing else "")
+                + f", {self.backend.name}/{self.backend.dtype} with "
                 f"{self.backend.threads} BLAS thread(s); "
                 + (f"resuming at step {self.start_step}; " if self.start_step else "")
                 + f"results in {self.out}")
@@ -396,6 +418,7 @@ class Run(Training):
                     test_loss, test_acc = self.evaluate()
                 row = {
                     "step": done, "epoch": self.sampler.epochs_done,
+                    "batch": self.objective.batch_rows * self.comm.size,
                     "wall_time": time.perf_counter() - started, "train_loss": info.loss,
                     "grad_evals": self.objective.grad_evals,
                     "forward_evals": self.objective.forward_evals,
@@ -413,6 +436,7 @@ class Run(Training):
                 if self.metrics is not None:
                     self.metrics.append([row], steps_done=done, **self.optimizer_counters())
                     progress.update(done, f"loss {info.loss:.4g}"
+                                    + (f" batch {row['batch']:,}" if growing else "")
                                     + (f" test_acc {test_acc:.4f}" if evaluated else ""))
                 if evaluated:
                     self.watch.evaluation(done, test_acc, info.loss)

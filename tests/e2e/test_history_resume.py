@@ -1,6 +1,6 @@
 """History pairs (``optim.pairs = "history"``, and ``"overlap"``, the same step with y on
-the rows consecutive batches share) through ``hessmpi train`` and ``--resume``, under real
-MPI, with real HDF5 checkpoints.
+the rows consecutive batches share; also with progressive batching) through ``hessmpi
+train`` and ``--resume``, under real MPI, with real HDF5 checkpoints.
 
 Each test compares with something the resumed run did not produce: the final checkpoint and
 metrics rows of an uninterrupted run of the same configuration (byte for byte), the pair
@@ -34,7 +34,9 @@ LBFGS = ["optim.name=secant", "optim.pairs=history", "optim.line_search=armijo",
          "optim.max_step_ratio=1e4", f"optim.memory={MEMORY}", "optim.lr=0.5"]
 #: kind: (rows per rank and batch, the sets beyond LBFGS)
 BATCHES = {"full-batch": (N_TRAIN // 2, []), "minibatch": (16, []),
-           "overlap": (16, ["optim.pairs=overlap", "optim.overlap=0.25"])}
+           "overlap": (16, ["optim.pairs=overlap", "optim.overlap=0.25"]),
+           "progressive": (16, ["optim.batch_test=inner_product", "optim.batch_theta=0.3",
+                                "optim.batch_nu=1"])}
 
 
 # ----- helpers -------------------------------------------------------------------------------
@@ -217,6 +219,27 @@ def test_overlap_pairs_resumed_on_three_ranks_start_again(reference_runs, tmp_pa
     assert json.loads(m_attrs["fallback_reasons"])["no_pairs"] == 2
 
 
+def test_a_grown_batch_is_kept_by_resume_on_any_rank_count(reference_runs, tmp_path):
+    """Progressive batching: the run's batch grows (the metrics' global batch column from
+    2 x 16, never down) and its checkpoint keeps the grown part (the bit-for-bit resume
+    above needs it); resumed on 3 ranks the global batch is kept: each rank draws
+    ceil(2 x grown / 3) rows."""
+    runs = reference_runs("progressive")
+    _, cols = read_metrics(runs["straight"] / "metrics.h5")
+    assert cols["batch"][0] >= 32 and np.all(np.diff(cols["batch"]) >= 0), cols["batch"]
+    _, mid_attrs = checkpoint(runs["half"], HALF)
+    grown = int(mid_attrs["batch_rows"])
+    assert 16 < grown < N_TRAIN // 2, grown
+    out = tmp_path / "run"
+    shutil.copytree(runs["half"], out)
+    resume(out, f"train.steps={HALF + 1}", n=3)
+    _, attrs = checkpoint(out, HALF + 1)
+    _, cols = read_metrics(out / "metrics.h5")
+    per_rank = -(-2 * grown // 3)
+    assert cols["batch"][-1] == 3 * per_rank, (cols["batch"], grown)
+    assert attrs["batch_rows"] >= per_rank
+
+
 # ----- configuration errors ------------------------------------------------------------------
 @pytest.mark.parametrize("override", ["optim.pairs_per_rank=2", "optim.probe_batch=0.5"])
 def test_history_with_a_probe_option_exits_2(override, data, tmp_path):
@@ -247,6 +270,16 @@ def test_batch_size_zero_is_the_whole_shard_on_any_rank_count(data, tmp_path):
     assert cols["forward_evals"][-1] == 0 and steps <= cols["grad_evals"][-1] < 2 * steps
     report = hessmpi("report", zero)
     assert report.rc == 0 and " full " in report.stdout, str(report)
+
+
+def test_progressive_batching_at_full_batch_exits_2(data, tmp_path):
+    out = tmp_path / "out"
+    result = train(*set_args([*base_sets(data, 0), "optim.batch_test=inner_product",
+                              "train.steps=2"]), "--out", out, timeout=TIMEOUT)
+    assert result.rc == 2, str(result)
+    errors = [line for line in result.stderr.splitlines() if "hessmpi: error" in line]
+    assert len(errors) == 1 and "no larger batch" in errors[0], str(result)
+    assert not (out / "metrics.h5").exists()
 
 
 @pytest.mark.parametrize("sets, needle", [

@@ -77,3 +77,27 @@ def test_state_continues_a_secant_run_bit_for_bit(solo):
     np.testing.assert_array_equal(second.theta, whole.theta)
     assert second.steps == 12
     second.check_consistency()
+
+
+def test_requested_batch_is_the_variance_test_on_the_rows_given(solo):
+    """Least squares F = mean (x^T theta - y)^2 / 2 over 12 rows in 3 pieces of 4: the
+    piece gradients X_j^T (X_j theta - y_j) / 4 written out, the inner-product test's batch
+    from its definition (theta = 0.5 alone: the orthogonality test never binds at nu 1e9)."""
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((12, 3)), rng.standard_normal(12)
+
+    def loss_grad(theta, xb, yb, grad):
+        r = xb @ theta - yb
+        grad[...] = xb.T @ r / len(yb)
+        return float(r @ r / (2 * len(yb)))
+
+    opt = hessmpi.DistributedOptimizer(
+        hessmpi.FunctionModel(3, loss_grad), comm=solo, theta=np.ones(3),
+        optim={"name": "sgd", "lr": 0.1, "batch_test": "inner_product", "batch_pieces": 3,
+               "batch_theta": 0.5, "batch_nu": 1e9})
+    assert opt.requested_batch == 0
+    opt.step(x, y)
+    pieces = [x[j:j + 4].T @ (x[j:j + 4] @ np.ones(3) - y[j:j + 4]) / 4 for j in (0, 4, 8)]
+    g = np.mean(pieces, axis=0)
+    var = sum(4 * (p @ g - g @ g) ** 2 for p in pieces) / 2
+    assert opt.requested_batch == pytest.approx(var / (0.25 * (g @ g) ** 2), rel=1e-9)

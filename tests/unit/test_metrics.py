@@ -14,7 +14,7 @@ CONTRACT_COLUMNS = ["step", "epoch", "wall_time", "train_loss", "grad_evals", "g
                     "step_norm", "fallback", "rank_kept", "t_grad", "t_comm", "t_solve",
                     "bytes_sent", "test_loss", "test_acc"]
 ADDED_COLUMNS = ["forward_evals", "curvature_evals", "cg_iters", "hf_lambda",
-                 "staleness_mean", "staleness_max"]
+                 "staleness_mean", "staleness_max", "batch"]
 # grad_evals counts a probe on a fraction of the batch as that fraction: a float.
 INTEGER_COLUMNS = {"step", "fallback", "rank_kept", "bytes_sent", "forward_evals"}
 
