@@ -118,6 +118,9 @@ class DistributedOptimizer:
         self.steps = 0
         if getattr(self.options, "batch_test", "none") != "none":
             o = self.options
+            if full_batch:
+                raise UsageError(f"optim.batch_test = {o.batch_test!r} is invalid with "
+                                 "full_batch=True: there is no larger batch to grow to")
             self.objective.batch_test = BatchTest(self.comm, model.xp, model.dtype,
                                                   model.n_params, k=o.batch_pieces,
                                                   theta=o.batch_theta, nu=o.batch_nu)
@@ -149,6 +152,12 @@ class DistributedOptimizer:
         round(overlap x B)): UsageError on every rank if they are not."""
         if self._shared is not None:
             self._check_shared(x, y)
+        if self.objective.batch_test is not None:
+            parts = self.comm.allgather(len(y))
+            if len(set(parts)) > 1:
+                raise UsageError(f"optim.batch_test: step {self.steps + 1}'s parts of the "
+                                 f"batch have {parts} rows on the ranks; give every rank "
+                                 "the same number")
         self.objective.use_batch(x, y)
         try:
             info = self.optimizer.step(self.theta, self.objective, self.schedule(self.steps))

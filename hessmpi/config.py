@@ -237,8 +237,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "batch_nu": Option(5.84, "float", "nu of the orthogonality test (5.84: an angle of "
                            "about 80 degrees, the papers' value)", low=0.0, low_open=True,
                            applies=_on("*", batch_test=("inner_product",))),
-        "batch_pieces": Option(4, "int", "K: pieces of each rank's part of the batch whose "
-                               "gradients estimate the variances (the same work)", low=2,
+        "batch_pieces": Option(8, "int", "K: pieces of each rank's part of the batch whose "
+                               "gradients estimate the variances (the same work; P (K - 1) "
+                               "degrees of freedom)", low=2,
                                applies=_on("*", batch_test=("inner_product",))),
         # --- distributed Hessian-free (Martens 2010; He et al. 2016) ---
         "hf_damping": Option(1.0, "float", "initial Levenberg-Marquardt lambda of (G + lambda "

@@ -5,24 +5,30 @@ strategies for stochastic optimization"; used with L-BFGS in Bollapragada, Mudig
 Nocedal, Shi & Tang 2018) accepts a batch S of |S| rows with averaged gradient g when, over
 the per-row gradients g_i,
 
-    inner product:  Var_i(g_i^T g) / |S|                          <= theta^2 ||g||^4
-    orthogonality:  Var_i(||g_i - (g_i^T g / ||g||^2) g||) / |S|  <= nu^2 ||g||^2
+    inner product:  Var_i(g_i^T g) / |S|                            <= theta^2 ||g||^4
+    orthogonality:  E_i ||g_i - (g_i^T g / ||g||^2) g - its mean||^2 / |S|  <= nu^2 ||g||^2
 
-(the second variance is E||.||^2 of the part of g_i orthogonal to g). When either fails the
-next batch has the smallest size that would pass both with the same variances:
+When either fails the next batch has the smallest size that would pass both with the same
+variances:
 
     |S'| = max(Var_ip / (theta^2 ||g||^4), Var_orth / (nu^2 ||g||^2)).
 
 Per-row gradients are too dear, so each rank evaluates its part of the batch in K pieces
 (the same work: the batch's gradient is their row-weighted sum) and the variances come from
-the M = P K piece means g_j of n_j rows (the between-group estimator, unbiased for
-independent rows): Var = sum_j n_j ||v_j - v||^2 / (M - 1). Two scalars per rank then
-make the test, in one Allreduce:
+the piece means g_j (n_j rows) about their rank's mean g_r (B rows): each rank draws from
+its own shard, so the batch is stratified and only the spread within a shard is noise
+(differences between the shards' means are not; pooling them would count them).
+The between-group estimator, unbiased for independent rows:
 
-    A = sum_j n_j (g_j^T g)^2,   D = sum_j n_j ||g_j||^2,
-    sum_j n_j (g_j^T g - ||g||^2)^2 = A - N ||g||^4,   sum_j n_j ||g_j - proj||^2 = D - A / ||g||^2
+    Var = sum_r sum_j n_j ||v_j - v_r||^2 / (P (K - 1))      (P (K - 1) degrees of freedom)
 
-(N = sum_j n_j, the global batch; sum_j n_j g_j = N g when every rank's part has B rows).
+With e_j = g_j - g_r, two scalars per rank make the test, in one Allreduce:
+
+    a_r = sum_j n_j (e_j^T g)^2 = sum_j n_j (g_j^T g)^2 - B (g_r^T g)^2
+    d_r = sum_j n_j ||e_j||^2   = sum_j n_j ||g_j||^2   - B ||g_r||^2
+
+Var_ip = sum_r a_r / dof and Var_orth = (sum_r d_r - sum_r a_r / ||g||^2) / dof. With
+K = B (one row a piece) they are the per-row sample variances within the shards.
 """
 
 from __future__ import annotations
@@ -35,16 +41,16 @@ from hessmpi.backend import to_host
 from hessmpi.errors import UsageError
 
 
-def requested_rows(a: float, d: float, g2: float, rows: int, pieces: int, theta: float,
+def requested_rows(a: float, d: float, g2: float, dof: int, theta: float,
                    nu: float) -> float:
     """The global batch (rows, may be fractional or inf) the augmented inner-product test
-    asks for, given the sums ``a`` = A and ``d`` = D over every piece (module docstring),
-    ``g2`` = ||g||^2 of the batch's averaged gradient, ``rows`` = N of the batch and
-    ``pieces`` = M >= 2. The batch passes the test iff the result is <= ``rows``."""
+    asks for, from the sums ``a`` = sum_r a_r and ``d`` = sum_r d_r (module docstring) with
+    ``dof`` >= 1 degrees of freedom and ``g2`` = ||g||^2 of the batch's averaged gradient.
+    A batch of N rows passes the test iff the result is <= N."""
     if g2 <= 0.0:
         return math.inf
-    var_ip = max(a - rows * g2 * g2, 0.0) / (pieces - 1)
-    var_orth = max(d - a / g2, 0.0) / (pieces - 1)
+    var_ip = max(a, 0.0) / dof
+    var_orth = max(d - a / g2, 0.0) / dof
     return max(var_ip / (theta * theta * g2 * g2), var_orth / (nu * nu * g2))
 
 
@@ -54,7 +60,8 @@ class BatchTest:
     batch the test asks for.
 
     comm: the Communicator; xp, dtype, n: the parameters' array module, type and length;
-    k: pieces per rank (>= 1; P k >= 2); theta, nu: the test's constants.
+    k: pieces per rank (>= 2); theta, nu: the test's constants. Every rank's part must have
+    the same number of rows.
     """
 
     def __init__(self, comm, xp, dtype, n: int, *, k: int, theta: float, nu: float):
@@ -77,13 +84,14 @@ class BatchTest:
         """The global batch the test asks for, from the pieces of the last ``pieces`` call
         (evaluated since) and the averaged gradient ``grad`` (n,) of the batch; one
         Allreduce of two floats."""
-        xp = self.xp
-        dots = to_host(xp, self._grads @ grad).astype(np.float64)
-        norms = to_host(xp, xp.einsum("ij,ij->i", self._grads, self._grads)).astype(np.float64)
-        self._sums[0] = float(np.sum(self._sizes * dots * dots))
-        self._sums[1] = float(np.sum(self._sizes * norms))
+        xp, n_j = self.xp, self._sizes
+        rows = float(n_j.sum())
+        dots = to_host(xp, self._grads @ grad).astype(np.float64)           # g_j^T g
+        gram = to_host(xp, self._grads @ self._grads.T).astype(np.float64)  # g_i^T g_j
+        weights = n_j / rows                                     # g_r = sum_j w_j g_j
+        self._sums[0] = float(n_j @ dots ** 2 - rows * (weights @ dots) ** 2)
+        self._sums[1] = float(n_j @ np.diag(gram) - rows * (weights @ gram @ weights))
         self.comm.allreduce_sum_(self._sums)
         g2 = float(xp.dot(grad, grad))
-        rows = int(self._sizes.sum()) * self.comm.size
-        return requested_rows(float(self._sums[0]), float(self._sums[1]), g2, rows,
-                              self.k * self.comm.size, self.theta, self.nu)
+        return requested_rows(float(self._sums[0]), float(self._sums[1]), g2,
+                              self.comm.size * (self.k - 1), self.theta, self.nu)

@@ -78,8 +78,9 @@ def drive(training, *, budget: float, unit: str = "steps", train_targets=None,
     Returns the record: status, steps, grad_evals, forward_evals, wall (s), t_step, t_grad,
     t_comm, t_solve (s per step), curve, test_curve, fallback counts and rates, and per step
     ``losses`` (the global minibatch objective at the parameters the step started from: at
-    full batch, F(theta_k)), ``walls`` (cumulative seconds after it) and ``works``
-    (cumulative gradient-equivalent evaluations after it, :func:`work`)."""
+    full batch, F(theta_k)), ``walls`` (cumulative seconds after it), ``works``
+    (cumulative gradient-equivalent evaluations after it, :func:`work`) and ``rows`` (the
+    rows of its global batch: they grow with ``optim.batch_test``)."""
     from hessmpi.trainer import Interval
 
     comm, objective = training.comm, training.objective
@@ -104,7 +105,7 @@ def drive(training, *, budget: float, unit: str = "steps", train_targets=None,
 
     done, wall, status = 0, 0.0, "budget"
     curve, test_curve = [], [] if with_test else None
-    losses, walls, works = [], [], []
+    losses, walls, works, rows = [], [], [], []
     f0 = evaluate()
     reached: set[str] = set()
     interval, fallbacks, kept = Interval(), 0, 0
@@ -121,6 +122,7 @@ def drive(training, *, budget: float, unit: str = "steps", train_targets=None,
         losses.append(info.loss)
         walls.append(wall)
         works.append(work(objective))
+        rows.append(objective.batch_rows * comm.size)
         fallbacks += info.fallback
         kept += info.rank_kept
         if check_every and done % check_every == 0 and not parameters_agree(training):
@@ -157,7 +159,7 @@ def drive(training, *, budget: float, unit: str = "steps", train_targets=None,
                 clipped_rate=counts.get("clipped", 0) / steps, rank_kept_mean=kept / steps,
                 t_grad=interval.mean("t_grad"), t_comm=interval.mean("t_comm"),
                 t_solve=interval.mean("t_solve"), bytes_sent=interval.mean("bytes_sent"),
-                losses=losses, walls=walls, works=works)
+                losses=losses, walls=walls, works=works, rows=rows)
 
 
 def first_hit(record: dict, threshold: float, test: bool = False) -> dict | None:

@@ -221,12 +221,12 @@ def test_overlap_pairs_resumed_on_three_ranks_start_again(reference_runs, tmp_pa
 
 def test_a_grown_batch_is_kept_by_resume_on_any_rank_count(reference_runs, tmp_path):
     """Progressive batching: the run's batch grows (the metrics' global batch column from
-    2 x 16, never down) and its checkpoint keeps the grown part (the bit-for-bit resume
+    2 x 16 up) and its checkpoint keeps the grown part (the bit-for-bit resume
     above needs it); resumed on 3 ranks the global batch is kept: each rank draws
     ceil(2 x grown / 3) rows."""
     runs = reference_runs("progressive")
     _, cols = read_metrics(runs["straight"] / "metrics.h5")
-    assert cols["batch"][0] >= 32 and np.all(np.diff(cols["batch"]) >= 0), cols["batch"]
+    assert cols["batch"][-1] > cols["batch"][0] >= 32, cols["batch"]
     _, mid_attrs = checkpoint(runs["half"], HALF)
     grown = int(mid_attrs["batch_rows"])
     assert 16 < grown < N_TRAIN // 2, grown

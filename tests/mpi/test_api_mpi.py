@@ -63,3 +63,20 @@ def test_overlap_pairs_refuse_batches_that_do_not_share_rows(comm):
     assert_all(comm, opt.optimizer.memory.filled == 2, f"{opt.optimizer.memory.filled}")
     raises_everywhere(comm, hessmpi.errors.UsageError, opt.step, x[:2], y[:2],
                       match="less than one row")           # 0.25 of 2 rows rounds to 0
+
+
+@pytest.mark.mpi(min_size=2)
+def test_the_batch_test_refuses_unequal_parts_on_every_rank(comm):
+    """optim.batch_test assumes every rank's part has B rows (the global gradient is then
+    the row mean): a step where rank 0's part is shorter is a UsageError on every rank,
+    none left waiting; equal parts then step, and every rank has the same answer."""
+    x, y = rank_rows(comm.rank, seed=6, label_seed=1, spread=0.5)
+    model = DenseNet([5, 3], "relu", 1e-3, dtype=np.float64)
+    opt = hessmpi.DistributedOptimizer(model, comm=comm, optim={
+        "name": "sgd", "lr": 0.1, "batch_test": "inner_product", "batch_pieces": 2})
+    rows = slice(0, 8 if comm.rank else 6)
+    raises_everywhere(comm, hessmpi.errors.UsageError, opt.step, x[rows], y[rows],
+                      match="the same number")
+    opt.step(x[:8], y[:8])
+    assert_identical(comm, asked=np.array([opt.requested_batch]), theta=opt.theta)
+    assert_all(comm, opt.requested_batch > 0)

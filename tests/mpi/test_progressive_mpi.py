@@ -2,11 +2,13 @@
 reference (run under ``mpiexec -n P python -m pytest --with-mpi``).
 
 Each step of a real Run is checked: the global batch the test asked for equals the
-augmented inner-product test computed here from the definitions, on the union of every
-rank's rows of the step, split into the documented pieces, their gradients from the model
-called directly (the between-pieces variances of g_j^T g and of g_j's part orthogonal to g,
-no use of the sums the code reduces); the next step's batch is exactly that (per rank,
-rounded up, at most the shard, never smaller than before); ranks stay identical.
+augmented inner-product test computed here from the definitions, on every rank's rows of the
+step, split into the documented pieces, their gradients from the model called directly (the
+variances of e_j^T g and of e_j's part orthogonal to g, e_j a piece's gradient less its
+rank's mean, P (K - 1) degrees of freedom; no use of the sums the code reduces); the next
+step's batch is exactly that (per rank, rounded up, at most the shard, never smaller than
+before); the test's answer, the batches and the parameters are bitwise identical on every
+rank.
 """
 
 from __future__ import annotations
@@ -24,23 +26,30 @@ BATCH, PIECES, STEPS, THETA, NU = 4, 2, 14, 0.2, 0.5
 
 
 def dense_request(model, theta, parts, pieces, test_theta, nu) -> float:
-    """The test's batch from the definitions: ``parts`` [(x, y)] of every rank."""
-    grads, sizes = [], []
+    """The test's batch from the definitions: ``parts`` [(x, y)] of every rank, the spread
+    of each rank's piece gradients about that rank's own mean (the batch is stratified by
+    shard), P (K - 1) degrees of freedom."""
+    ip, orth, grads = 0.0, 0.0, []
     for x, y in parts:
         cuts = [j * len(y) // pieces for j in range(pieces + 1)]
+        rank = []
         for a, b in zip(cuts[:-1], cuts[1:], strict=True):
             g = np.empty(model.n_params)
             model.loss_grad(theta, x[a:b], y[a:b], g)
-            grads.append(g)
-            sizes.append(b - a)
-    grads, sizes = np.array(grads), np.array(sizes, dtype=float)
-    g = sizes @ grads / sizes.sum()
-    g2, m = g @ g, len(sizes)
-    inner = grads @ g
-    var_ip = np.sum(sizes * (inner - g2) ** 2) / (m - 1)
-    orth = grads - np.outer(inner / g2, g)
-    var_orth = np.sum(sizes * np.einsum("ij,ij->i", orth, orth)) / (m - 1)
-    return max(var_ip / (test_theta ** 2 * g2 ** 2), var_orth / (nu ** 2 * g2))
+            rank.append((b - a, g))
+        grads.append(rank)
+    g = np.mean([sum(n * gj for n, gj in rank) / sum(n for n, _ in rank) for rank in grads],
+                axis=0)
+    g2 = g @ g
+    for rank in grads:
+        mean = sum(n * gj for n, gj in rank) / sum(n for n, _ in rank)
+        for n, gj in rank:
+            e = gj - mean
+            ip += n * (e @ g) ** 2
+            o = e - (e @ g) / g2 * g
+            orth += n * (o @ o)
+    dof = len(parts) * (pieces - 1)
+    return max(ip / dof / (test_theta ** 2 * g2 ** 2), orth / dof / (nu ** 2 * g2))
 
 
 @pytest.mark.mpi(min_size=2)
@@ -53,7 +62,7 @@ def test_the_batch_grows_exactly_as_the_test_says(comm, shared_dir):
                      f"optim.batch_nu={NU}")
     run = start_run(cfg, comm, shared_dir / "run")
     shard = run.sampler.rows
-    bad, sizes = [], [run.sampler.batch_size]
+    bad, sizes, asked_by_rank = [], [run.sampler.batch_size], []
     for step in range(STEPS):
         theta = run.theta.copy()
         run.step(step)
@@ -67,7 +76,9 @@ def test_the_batch_grows_exactly_as_the_test_says(comm, shared_dir):
             bad.append(f"step {step}: batch {len(run.objective.y)} -> "
                        f"{run.sampler.batch_size}, expected {sizes[-1]} -> {expected}")
         sizes.append(run.sampler.batch_size)
+        asked_by_rank.append(asked)
     assert_all(comm, not bad, "; ".join(bad))
+    assert_identical(comm, asked=np.array(asked_by_rank), sizes=np.array(sizes))
     grew = [b > a for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
     assert_all(comm, any(grew) and not all(grew), f"per-rank batches {sizes}: the test "
                "should both grow the batch and keep it in these steps")

@@ -53,6 +53,9 @@ def test_options_are_validated_like_a_file(solo):
                                                               "nesterov": True})
     with pytest.raises(UsageError, match="optim.lrr"):
         hessmpi.DistributedOptimizer(model, comm=solo, optim={"lrr": 0.1})
+    with pytest.raises(UsageError, match="batch_test .* full_batch=True"):
+        hessmpi.DistributedOptimizer(model, comm=solo, full_batch=True,
+                                     optim={"batch_test": "inner_product"})
     with pytest.raises(ValueError, match=r"theta has shape \(5,\)"):
         hessmpi.DistributedOptimizer(model, comm=solo, theta=np.zeros(5))
 

@@ -61,6 +61,23 @@ def test_the_orthogonality_test_in_closed_form(comm):
     assert asked(comm, across(edge * (1 + 1e-6)), nu=nu) > ROWS
 
 
+def test_one_row_a_piece_gives_the_per_row_sample_variances(comm):
+    """K = B: the estimate is the papers' per-row definition, Var with B - 1 degrees of
+    freedom of g_i^T g and E||.||^2 of the part of g_i - g orthogonal to g, written out."""
+    rows = 7
+    rng = np.random.default_rng(3)
+    per_row = rng.standard_normal((rows, 5)) + np.array([2.0, 0, 1, 0, 0])
+    test = BatchTest(comm, np, np.float64, 5, k=rows, theta=0.7, nu=1.3)
+    for (_, buffer), g in zip(test.pieces(rows), per_row, strict=True):
+        buffer[...] = g
+    g = per_row.mean(axis=0)
+    var_ip = np.var(per_row @ g, ddof=1)
+    orth = (per_row - g) - np.outer((per_row - g) @ g / (g @ g), g)
+    var_orth = np.sum(orth * orth) / (rows - 1)
+    want = max(var_ip / (0.49 * (g @ g) ** 2), var_orth / (1.69 * (g @ g)))
+    assert test.requested(g) == pytest.approx(want, rel=1e-10)
+
+
 def test_the_larger_of_the_two_asks_wins(comm):
     grads = along(1.0) + across(2.0) - np.array([1, 0])
     alone = max(asked(comm, along(1.0), theta=0.5), asked(comm, across(2.0), nu=0.5))
@@ -98,6 +115,7 @@ def test_the_sampler_resizes_from_the_next_batch():
     (["train.batch_size=0"], "train.batch_size = 0"),
     (["optim.exchange=sharded"], "optim.exchange = 'sharded'"),
     (["optim.batch_pieces=32"], "every piece needs a row"),
+    (["optim.batch_pieces=17"], "every piece needs a row"),
     (["optim.name=secant", "optim.pairs=overlap"], "does not apply"),
     (["optim.name=secant", "optim.pairs=probe"], "does not apply"),
     (["optim.name=deflated"], "does not apply"),
