@@ -1,7 +1,8 @@
 """``hessmpi report``: one row per run, read from each run's metrics.h5 (running runs too),
 as an aligned table, a CSV file, and a figure of the training curves.
 
-Columns: ``run``; ``method`` (optimizer and its key options); ``ranks``; ``batch`` (per rank);
+Columns: ``run``; ``method`` (optimizer and its key options); ``ranks``; ``batch`` (per rank;
+grown by ``optim.batch_test``: "FIRST->LAST");
 ``backend``; ``status`` (running, stopped, finished, failed; killed: marked running, but no
 process holds the run directory any more); ``steps`` (the last logged step); ``grad_evals``
 (per rank; asynchronous runs: over all workers); ``final_loss`` and ``best_loss`` (the
@@ -47,6 +48,17 @@ def _count(value) -> int | float:
     return int(value) if value.is_integer() else round(value, 2)
 
 
+def _batch(cfg: dict, attrs: dict, cols: dict):
+    """The per-rank batch: its configured size ("full": the shard), and with optim.batch_test
+    "FIRST->LAST", LAST the last logged step's global batch over the ranks, rounded up."""
+    first = cfg["train"]["batch_size"] or "full"
+    grown = cols["batch"][np.isfinite(cols["batch"])]
+    ranks = int(attrs.get("mpi_size", 0))
+    if cfg["optim"]["batch_test"] == "none" or not grown.size or not ranks:
+        return first
+    return f"{first}->{math.ceil(grown[-1] / ranks)}"
+
+
 def method_label(cfg: dict) -> str:
     """The optimizer and its key options, e.g. ``secant lr=0.05 mom=0.9 K=1 bfgs probe-sgd
     a=0.2`` (K memory, curvature rule, pair source; k pairs per rank, T probe interval, pb
@@ -67,6 +79,8 @@ def method_label(cfg: dict) -> str:
                                              else "")
     if o.schedule != "constant":
         label += f" {o.schedule}"
+    if config_mod.applies(cfg, "optim", "batch_test") and o.batch_test != "none":
+        label += f" batch-test theta={o.batch_theta:g}"
     parts = []
     if o.name == "secant":
         parts += [f"K={o.memory}", o.curvature,
@@ -149,7 +163,7 @@ def _row(run: Path, attrs: dict, cfg: dict, cols: dict, *, target_loss: float | 
     finite_loss = loss[np.isfinite(loss)]
     row = {
         "run": str(run), "method": method_label(cfg),
-        "ranks": int(attrs.get("mpi_size", 0)), "batch": cfg["train"]["batch_size"] or "full",
+        "ranks": int(attrs.get("mpi_size", 0)), "batch": _batch(cfg, attrs, cols),
         "backend": attrs.get("backend", "?"), "status": attrs.get("status", "?"),
         "steps": steps,
         "grad_evals": _count(cols["grad_evals"][-1]) if steps else 0,

@@ -81,6 +81,18 @@ def test_summarize_hand_made_run(tmp_path):
     assert s["t_solve_ms"] == pytest.approx(0.5)
 
 
+def test_a_grown_batch_shows_where_it_ended(tmp_path):
+    """optim.batch_test: the batch column reads FIRST->LAST per rank, LAST the last row's
+    global batch over the 4 ranks rounded up; without the test the configured size alone."""
+    cols = {**COLS, "batch": [128, 128, 300, 402]}
+    run = make_run(tmp_path, "grown", cols, overrides=(
+        "optim.lr=0.05", "train.batch_size=32", "optim.batch_test=inner_product",
+        "optim.batch_theta=0.5"))
+    s = summarize(run)
+    assert s["batch"] == "32->101" and s["method"] == "sgd lr=0.05 mom=0.9 batch-test theta=0.5"
+    assert summarize(make_run(tmp_path, "fixed", cols))["batch"] == 32
+
+
 def test_summarize_running_run_without_rows(tmp_path):
     run = make_run(tmp_path, "empty", {}, status="running")
     RunLock(run).take()   # as the run's rank 0 holds it
