@@ -8,7 +8,8 @@
     python benchmarks/batch_scaling.py --prepare              (only the dataset and F*)
     python benchmarks/batch_scaling.py --fashion --ranks 2 [--methods sgd,NEW --given OLD.json]
                                        (issue 17: Fashion-MNIST's 60,000 rows; OLD's units
-                                       taken, not run again)
+                                       taken, not run again; --problems fashion-autoencoder
+                                       --batches 4096: the reduced autoencoder)
 
 Steps to a target against the global batch (256 ... 8000 = the whole training split of
 mnist-t10k), each point tuned on the TRAINING objective, for SGD+momentum, the secant method
@@ -83,6 +84,15 @@ PROBLEMS = {
                         targets={b: ["train loss", "test acc ref"] for b in FASHION_BATCHES},
                         reference_steps=150, lr=(0.2, 0.25),
                         budget={1024: 2400, 4096: 1000, 16384: 500}),
+    # reduced to fit a 2-core machine (about 0.8 s a step at 4,096 and 4 s an evaluation of
+    # F on 60,000 rows): the reference at 4,096 after 100 steps, one seed, F every 10 steps
+    "fashion-autoencoder": dict(FASHION, label="deep autoencoder 784-1000-500-250-30 "
+                                "(logistic), Fashion-MNIST (60,000), reduced",
+                                model={"name": "autoencoder", "encoder": [1000, 500, 250, 30],
+                                       "l2": 1e-5},
+                                targets={b: ["train loss"] for b in FASHION_BATCHES},
+                                reference_batch=4096, reference_steps=100, lr=(0.006, 0.0),
+                                eval_every=10, budget={1024: 600, 4096: 200, 16384: 150}),
 }
 _QN = {"name": "secant", "line_search": "armijo", "newton_lr": 1.0, "momentum": 0.0,
        "damping": 0.0, "h0": "bb", "max_step_ratio": 1e4}
@@ -129,8 +139,31 @@ METHODS = {   # optim: what every point sets; axes: the options tuned besides lr
     "deflated": dict(label="deflated (k=10)", optim={"name": "deflated", "pairs_per_rank": 10,
                                                      "newton_lr": 1.0, "momentum": 0.9},
                      axes={"probe_every": [4, 10]}),
+    # issue 19's comparators (not hessmpi's methods), each tuned on one knob as in
+    # robustness.py (the tuner's "lr" axis carries it; widened by "factor"); their budgets,
+    # race caps and selection in gradient-equivalent work (drive.work), since one of their
+    # steps costs many gradients: SGD's work is its steps. Hessian-free's first grid spans
+    # 1e-2..1e2 (the best initial damping went from 1e-4 at full batch to 10 at 1,024)
+    "hessian-free": dict(label="Hessian-free", optim={"name": "hessian_free"}, axes={},
+                         knob="hf_damping", grid=[1.0, 0.1, 10.0, 0.01, 100.0], factor=10.0,
+                         unit="work", max_points=7),
+    "entropy-sgd": dict(label="Entropy-SGD", optim={"name": "entropy_sgd"}, axes={}, lr=32.0,
+                        unit="work"),
 }
 BASELINES = ("sgd", "sgd-momentum", "adam")  # tuned on the baselines' grid sizes ("sgd")
+COMPARATORS = tuple(m for m, v in METHODS.items() if v.get("unit") == "work")
+
+
+def unit_of(method: str) -> str:
+    """What ``method``'s budget, race caps and selection count: "steps" or "work"."""
+    return METHODS[method].get("unit", "steps")
+
+
+def shown(method: str, point: dict | None) -> str:
+    """A point as text, the tuned knob under its own name."""
+    knob = METHODS[method].get("knob")
+    return tables.fmt_point(point if point is None or not knob else
+                            {knob if k == "lr" else k: v for k, v in point.items()})
 
 
 def grid_class(method: str) -> str:
@@ -189,23 +222,28 @@ def is_reference(problem: str, batch: int, method: str) -> bool:
 
 
 def first_points(mode: dict, problem: str, method: str, batch: int) -> list[dict]:
-    """The first grid: learning rates (the problem's first guess for the method, the
-    method's own guess, else anchor
-    (B/reference)^exponent on anchor 2^k; then half and twice it, most promising first) x
-    the method's options."""
+    """The first grid: learning rates (the method's own grid if it has one; else the
+    problem's first guess for the method, the method's own guess, else anchor
+    (B/reference)^exponent on anchor 2^k; then that / factor and x factor (2 unless the
+    method says), most promising first) x the method's options."""
     anchor, exponent = PROBLEMS[problem]["lr"]
     guess = PROBLEMS[problem].get("first_lr", {}).get(method) or METHODS[method].get(
         "lr") or anchor * 2.0 ** round(exponent * math.log2(
             batch / PROBLEMS[problem]["reference_batch"]))
-    lrs = [guess, guess / 2, guess * 2][:mode["lr_points"][grid_class(method)]]
+    factor = METHODS[method].get("factor", 2.0)
+    lrs = METHODS[method].get("grid") or [guess, guess / factor, guess * factor][
+        :mode["lr_points"][grid_class(method)]]
     axes = mode["axes"].get(method, METHODS[method]["axes"])
     return [{"lr": lr, **dict(zip(axes, values, strict=True))}
             for lr in lrs for values in itertools.product(*axes.values())]
 
 
 def optim_of(method: str, point: dict, ranks: int) -> dict:
-    """The [optim] keys of a point (the deflated method keeps m = P k near 10)."""
+    """The [optim] keys of a point (the deflated method keeps m = P k near 10; a
+    comparator's "lr" is its knob)."""
     o = {**METHODS[method]["optim"], **point}
+    if "knob" in METHODS[method]:
+        o[METHODS[method]["knob"]] = o.pop("lr")
     if method == "deflated" and ranks > 1:
         o["pairs_per_rank"] = max(1, o["pairs_per_rank"] // ranks)
     return o
@@ -267,11 +305,11 @@ def worker(spec: dict) -> dict:
             out.append(dict(item, ms=1e3 * (time.perf_counter() - t0) / item["steps"],
                             device=backend.device, **per))
             if comm.rank == 0:
-                print(f"  timing {tag} {item['method']} {tables.fmt_point(item['point'])}: "
+                print(f"  timing {tag} {item['method']} {shown(item['method'], item['point'])}: "
                       f"{out[-1]['ms']:.3f} ms/step", flush=True)
         return dict(items=out)
 
-    method, budget = spec["method"], spec["budget"]
+    method, budget, unit = spec["method"], spec["budget"], unit_of(spec["method"])
     thresholds = dict(spec["thresholds"])
     train_names = [n for n in thresholds if not n.startswith("test")]
     reference = spec["reference"]
@@ -280,15 +318,16 @@ def worker(spec: dict) -> dict:
         return bool(comm.bcast(time.time() > spec["deadline"]))
 
     def train(point, seed, limits, fixed=False):
-        r = drive.drive(make(method, point, seed, budget), budget=budget, limits=limits,
-                        base=spec["eval_base"], per=40, deadline=spec["deadline"],
+        r = drive.drive(make(method, point, seed, budget), budget=budget, unit=unit,
+                        limits=limits, base=1 if unit == "work" else spec["eval_base"],
+                        per=40, deadline=spec["deadline"],
                         train_targets={} if fixed else {n: thresholds[n] for n in train_names},
                         test_targets={} if fixed else {n: v for n, v in thresholds.items()
                                                         if n.startswith("test")},
                         with_test=any(n.startswith("test") for n in thresholds))
         r.update(point=point, seed=seed, limits=limits)
         if comm.rank == 0:
-            print(f"  {tag} {method} {tables.fmt_point(point)} seed {seed}: {r['status']} "
+            print(f"  {tag} {method} {shown(method, point)} seed {seed}: {r['status']} "
                   f"after {r['steps']} steps, F {r['curve'][-1][4]:.6g}, "
                   f"{1e3 * r['t_step']:.2f} ms/step", flush=True)
         return r
@@ -301,17 +340,18 @@ def worker(spec: dict) -> dict:
         limits = {}
         for n in train_names:
             limits[n] = cap(n)
-            k = tune.best(points, tune.to_target(thresholds[n], seeds=1)) \
+            k = tune.best(points, tune.to_target(thresholds[n], unit, seeds=1)) \
                 if thresholds[n] is not None else None
             if k is not None:
                 hit = drive.first_hit(points[k]["records"][0], thresholds[n])
-                limits[n] = min(limits[n], math.ceil(RACE * hit["steps"]))
+                limits[n] = min(limits[n], math.ceil(RACE * hit[unit]))
         return [train(point, 0, limits, fixed=reference)]
 
     selections = ({"final F": tune.final} if reference else
-                  {n: tune.to_target(thresholds[n], seeds=1) for n in train_names})
+                  {n: tune.to_target(thresholds[n], unit, seeds=1) for n in train_names})
     res = tune.tune(run, spec["points"], selections, max_points=spec["max_points"],
-                    widen_axes=spec["widen_axes"], late=late)
+                    widen_axes=spec["widen_axes"], late=late,
+                    factor=METHODS[method].get("factor", 2.0))
     points, notes, info = res["points"], res["notes"], None
     if reference and "final F" in res["chosen"]:
         k = res["chosen"]["final F"]
@@ -326,7 +366,7 @@ def worker(spec: dict) -> dict:
         info = dict(point=points[k]["point"], value=value, steps=budget,
                     seeds=len(points[k]["records"]), placement=res["placement"]["final F"])
     chosen = {n: k for n in train_names if thresholds[n] is not None
-              and (k := tune.best(points, tune.to_target(thresholds[n], seeds=1)))}
+              and (k := tune.best(points, tune.to_target(thresholds[n], unit, seeds=1)))}
     for k in dict.fromkeys(chosen.values()) if not reference else ():
         for seed in spec["seeds"][1:]:        # headline seeds: no racing, the ratio cap only
             if late():
@@ -388,10 +428,12 @@ class Sweep:
                     thresholds=thresholds, reference=reference,
                     budget=PROBLEMS[problem]["reference_steps"] if reference
                     else unit_budget(self.mode, problem, batch),
-                    eval_base=max(2, unit_budget(self.mode, problem, batch) // 400),
+                    eval_base=PROBLEMS[problem].get("eval_every")
+                    or max(2, unit_budget(self.mode, problem, batch) // 400),
                     points=first_points(self.mode, problem, method, batch),
                     widen_axes=self.mode["widen_axes"], ratio_cap=self.mode["ratio_cap"],
-                    max_points=self.mode["max_points"][grid_class(method)],
+                    max_points=METHODS[method].get("max_points")
+                    or self.mode["max_points"][grid_class(method)],
                     sgd_steps=sgd_steps, deadline=deadline,
                     seeds=list(range(self.mode["headline"].get(problem, 1)
                                      if batch in HEADLINE.get(problem, (FULL_BATCH,))
@@ -438,7 +480,7 @@ class Sweep:
                                                   "its train target is unknown"))
                     continue
                 print(f"batch_scaling: start {name} ({len(spec['points'])} points, budget "
-                      f"{spec['budget']} steps)", flush=True)
+                      f"{spec['budget']} {unit_of(unit[2])})", flush=True)
                 log = tmp / f"{name}.log" if self.jobs > 1 else None
                 running[name] = (launch.start(__file__, spec, self.args.ranks, log=log),
                                  time.time())
@@ -449,9 +491,12 @@ class Sweep:
 def retime(results: dict, args, steps: int) -> None:
     """results["timings"]: every chosen configuration timed alone, one worker per problem
     and batch; the whole set RETIME_ROUNDS times over, each configuration's ms/step the
-    median of its rounds (``ms_rounds`` keeps them)."""
+    median of its rounds (``ms_rounds`` keeps them). Not the comparators: their steps vary
+    in cost (CG iterations), their wall is that of their runs."""
     items: dict[str, list] = {}
     for u in results["units"].values():
+        if u["method"] in COMPARATORS:
+            continue
         for point in {tune.key(p): p for p in chosen_points(u)}.values():
             items.setdefault(u["problem"], []).append(dict(
                 problem=u["problem"], batch=u["batch"], method=u["method"], point=point,
@@ -493,17 +538,22 @@ def cell(u: dict, name: str) -> dict:
     point = u["chosen"].get(select if test else name) or (
         u["reference"] or {}).get("point")
     out = dict(point=point, hits=[], reached=0, seeds=0, censored=None, status=None)
+
+    def censor(records, status):
+        out.update(censored=max((r["steps"] for r in records), default=None),
+                   censored_work=max((r["works"][-1] for r in records if r.get("works")),
+                                     default=math.nan), status=status)
+
     if point is None:
         records = [r for p in u["points"] for r in p["records"]]
         statuses = {r["status"] for r in records}
-        out.update(censored=max((r["steps"] for r in records), default=None),
-                   status="diverged" if statuses == {"diverged"} else "not reached")
+        censor(records, "diverged" if statuses == {"diverged"} else "not reached")
         return out
     records = next(p["records"] for p in u["points"] if p["point"] == point)
     hits = [drive.first_hit(r, u["thresholds"][name], test) for r in records]
     out.update(hits=hits, reached=sum(h is not None for h in hits), seeds=len(hits))
     if not out["reached"]:
-        out.update(censored=max(r["steps"] for r in records), status="not reached")
+        censor(records, "not reached")
     return out
 
 
@@ -529,12 +579,16 @@ def summarize(results: dict) -> list[dict]:
 
             ms, how = ms_per_step(results, u, c["point"]) if c["point"] else (math.nan, "-")
             steps = median("steps")
+            if u["method"] in COMPARATORS:      # a step's cost varies: the runs' own wall
+                wall, how = median("wall"), "in-run"
+            else:
+                wall = steps * ms / 1e3 if math.isfinite(steps) else math.inf
             select = next(n for n in u["thresholds"] if not n.startswith("test"))
             rows.append(dict(problem=u["problem"], target=name, value=value, batch=u["batch"],
                              method=u["method"], cell=c, steps=steps, ms=ms, timing=how,
                              grad_evals=median("grad_evals"),
-                             forward_evals=median("forward_evals"),
-                             wall=steps * ms / 1e3 if math.isfinite(steps) else math.inf,
+                             forward_evals=median("forward_evals"), work=median("work"),
+                             wall=wall,
                              device=u["device"], placement=u["placement"].get(
                                  select if name.startswith("test") else name)
                              or (u["reference"] or {}).get("placement")))
@@ -545,6 +599,7 @@ def steps_text(r: dict) -> str:
     c = r["cell"]
     if not c["reached"]:
         return "-" if c["censored"] is None else f">{c['censored']:,}" + (
+            f" steps, {c['censored_work']:,.0f} work" if r["method"] in COMPARATORS else "") + (
             " (diverged)" if c["status"] == "diverged" else "")
     text = tables.spread([h["steps"] if h else math.inf for h in c["hits"]])
     if not math.isfinite(r["steps"]):
@@ -564,7 +619,7 @@ def verdicts(rows: list[dict], aim_wall: float = AIM_WALL) -> list[dict]:
         # the better tuned SGD+momentum: momentum 0.9, or momentum tuned too
         sgd = min((r for r in here if r["method"] in ("sgd", "sgd-momentum")),
                   key=lambda r: (r["steps"], r["wall"]), default=None)
-        qn = [r for r in here if r["method"] not in BASELINES]
+        qn = [r for r in here if r["method"] not in BASELINES + COMPARATORS]
         if sgd is None or not qn:
             continue
         best = min(qn, key=lambda r: (r["steps"], r["wall"]))
@@ -627,17 +682,20 @@ def print_tables(results: dict) -> None:
         table = []
         for r in sorted(mine, key=lambda r: (r["batch"], methods.index(r["method"]))):
             ok = math.isfinite(r["steps"])
-            where = ", ".join(f"{k} {v}" for k, v in (r["placement"] or {}).items()) or "-"
-            table.append([r["batch"], r["method"], tables.fmt_point(r["cell"]["point"]), where,
-                          steps_text(r), *((f"{r['grad_evals']:,.0f}",
-                                            f"{r['forward_evals']:,.0f}",
-                                            f"{r['ms']:.2f} ({r['timing']})",
-                                            f"{r['wall']:.2f}") if ok else ["-"] * 4),
+            knob = METHODS[r["method"]].get("knob", "lr")
+            where = ", ".join(f"{knob if k == 'lr' else k} {v}"
+                              for k, v in (r["placement"] or {}).items()) or "-"
+            table.append([r["batch"], r["method"], shown(r["method"], r["cell"]["point"]),
+                          where, steps_text(r), *((f"{r['grad_evals']:,.0f}",
+                                                   f"{r['forward_evals']:,.0f}",
+                                                   f"{r['work']:,.0f}",
+                                                   f"{r['ms']:.2f} ({r['timing']})",
+                                                   f"{r['wall']:.2f}") if ok else ["-"] * 5),
                           r["device"]])
         print()
         print(tables.table(["batch", "method", "chosen", "where the best was", "steps",
-                            "grad evals", "forward evals", "ms/step", "wall to target s",
-                            "device"], table))
+                            "grad evals", "forward evals", "gradient-equivalents",
+                            "ms/step", "wall to target s", "device"], table))
     aim_wall = MODES[results["mode"]].get("aim_wall", AIM_WALL)
     print(f"\n### The aim at large batch: hessmpi's best method (Adam is a baseline) in <= "
           f"{AIM_STEPS} x SGD+momentum's steps and <= {aim_wall} x its wall time\n")
@@ -664,7 +722,8 @@ def print_tables(results: dict) -> None:
     for name, u in results["units"].items():
         names = [n for n in u["thresholds"] if not n.startswith("test")]
         ref = u.get("reference")
-        print(f"\n#### {name} on {u['device']}, budget {u['budget']} steps" + (
+        print(f"\n#### {name} on {u['device']}, budget {u['budget']} "
+              f"{unit_of(u['method'])}" + (
             f", SGD's steps {u['sgd_steps']}, ratio cap {u['ratio_cap']:g}"
             if u.get("sgd_steps") else "") + (
             f"; reference: F = {ref['value']:.6g} after {ref['steps']} steps at lr "
@@ -676,7 +735,7 @@ def print_tables(results: dict) -> None:
         for p in u["points"]:
             r = p["records"][0]
             hits = [drive.first_hit(r, u["thresholds"][n]) for n in names]
-            table.append([tables.fmt_point(p["point"]), r["status"], f"{r['steps']:,}", *(
+            table.append([shown(u["method"], p["point"]), r["status"], f"{r['steps']:,}", *(
                 (f"{h['steps']:,}" if h else f">{r['steps']:,}")
                 + (" *" if u["chosen"].get(n) == p["point"] else "")
                 for n, h in zip(names, hits, strict=True)), f"{r['curve'][-1][4]:.6g}",
@@ -690,7 +749,8 @@ def print_tables(results: dict) -> None:
 
 def plot(results: dict, path: Path) -> None:
     """Steps to target against the global batch, log-log, a panel per (problem, target), a
-    line per method, open triangles where a method did not reach it, SGD's perfect scaling."""
+    line per method, open triangles where a method did not reach it, SGD's perfect scaling;
+    the comparators dashed, in gradient-equivalents (SGD's steps, in those units)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -705,7 +765,7 @@ def plot(results: dict, path: Path) -> None:
                              figsize=(5.2 * cols, 4.2 * math.ceil(len(panels) / cols)))
     colors = dict(zip(METHODS, ["black", "dimgray", "tab:blue", "tab:red", "tab:green", "tab:cyan",
                                 "tab:olive", "tab:pink", "tab:purple", "tab:orange",
-                                "tab:brown"],
+                                "tab:brown", "darkgoldenrod", "teal"],
                       strict=True))
     for ax, (problem, name) in zip(axes.flat, panels, strict=False):
         mine = [r for r in rows if (r["problem"], r["target"]) == (problem, name)]
@@ -713,6 +773,12 @@ def plot(results: dict, path: Path) -> None:
         for i, m in enumerate(METHODS):
             pts = sorted((r for r in mine if r["method"] == m), key=lambda r: r["batch"])
             done = [r for r in pts if math.isfinite(r["steps"])]
+            if m in COMPARATORS:
+                if done:
+                    ax.plot([r["batch"] for r in done], [r["work"] for r in done], "s--",
+                            color=colors[m], label=f"{METHODS[m]['label']} "
+                            "(gradient-equivalents)")
+                continue
             if done:
                 ax.plot([r["batch"] for r in done], [r["steps"] for r in done], "o-",
                         color=colors[m], label=METHODS[m]["label"])

@@ -164,10 +164,13 @@ def drive(training, *, budget: float, unit: str = "steps", train_targets=None,
 
 def first_hit(record: dict, threshold: float, test: bool = False) -> dict | None:
     """The first evaluation with F <= ``threshold`` (``test``: test accuracy >=): steps,
-    grad_evals, forward_evals, wall; None if there was none."""
+    grad_evals, forward_evals, wall, work (:func:`work`; NaN in records without ``works``);
+    None if there was none."""
+    works = record.get("works")
     for step, ge, fe, wall, value in (record["test_curve"] or []) if test else record["curve"]:
         if (value >= threshold) if test else (value <= threshold):
-            return dict(steps=step, grad_evals=ge, forward_evals=fe, wall=wall)
+            return dict(steps=step, grad_evals=ge, forward_evals=fe, wall=wall,
+                        work=(works[step - 1] if step else 0.0) if works else math.nan)
     return None
 
 

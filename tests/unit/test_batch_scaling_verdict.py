@@ -49,3 +49,24 @@ def test_no_verdict_without_sgd_and_none_met_when_sgd_missed(bs):
     assert bs.verdicts([row("secant-overlap", 40)]) == []
     (v,) = bs.verdicts([row("sgd", math.inf), row("secant-overlap", 40)])
     assert v["meeting"] == [] and v["note"] == "SGD did not reach it"
+
+
+def test_the_comparators_are_not_hessmpi_variants(bs):
+    rows = [row("sgd", 80), row("hessian-free", 5), row("entropy-sgd", 10),
+            row("secant-overlap", 60)]
+    (v,) = bs.verdicts(rows, aim_wall=0.6)
+    assert v["best"] == "secant-overlap" and v["meeting"] == []
+
+
+def test_a_comparator_is_tuned_on_its_knob_in_work(bs):
+    from hessmpi import config
+
+    points = bs.first_points(bs.MODES["fashion"], "fashion-mlp", "hessian-free", 4096)
+    assert [p["lr"] for p in points] == [1.0, 0.1, 10.0, 0.01, 100.0]   # its own grid
+    cfg = config.from_dict(bs.config_of("fashion-mlp", "hessian-free", points[1], batch=4096,
+                                        ranks=2, seed=0, steps=10, data="unused"))
+    assert (cfg["optim"]["name"], cfg["optim"]["hf_damping"]) == ("hessian_free", 0.1)
+    assert cfg["optim"]["lr"] == config.from_dict({})["optim"]["lr"]  # the knob, not the rate
+    assert (bs.unit_of("hessian-free"), bs.unit_of("entropy-sgd"), bs.unit_of("sgd")) == (
+        "work", "work", "steps")
+    assert bs.shown("hessian-free", points[1]) == "hf_damping=0.1"

@@ -106,6 +106,8 @@ def test_drive_reaches_a_target_with_the_full_objective_on_its_curve(data, solo)
     assert [row[0] for row in rec["curve"]] == [0, *range(5, rec["steps"] + 1, 5)]
     hit = drive.first_hit(rec, 0.98 * f0)
     assert hit["steps"] == rec["steps"] and hit["grad_evals"] == rec["steps"]
+    assert hit["work"] == rec["steps"]                # SGD: one gradient a step, nothing else
+    assert drive.first_hit(rec, math.inf)["work"] == 0.0      # F(theta_0), before any step
     assert len(rec["test_curve"]) == len(rec["curve"]) and 0 <= rec["test_curve"][-1][4] <= 1
 
 
