@@ -9,7 +9,8 @@
     python benchmarks/batch_scaling.py --fashion --ranks 2 [--methods sgd,NEW --given OLD.json]
                                        (issue 17: Fashion-MNIST's 60,000 rows; OLD's units
                                        taken, not run again; --problems fashion-autoencoder
-                                       --batches 4096: the reduced autoencoder)
+                                       --batches 4096: the reduced autoencoder,
+                                       fashion-cnn the reduced cnn)
 
 Steps to a target against the global batch (256 ... 8000 = the whole training split of
 mnist-t10k), each point tuned on the TRAINING objective, for SGD+momentum, the secant method
@@ -47,7 +48,8 @@ REF_ACC, REF_ACC_MARGIN = "test acc ref", 0.005
 SUFFIX = {"full": "", "quick": "-quick", "fashion": "-fashion"}     # of the results file
 MNIST = dict(data="mnist-t10k", batches=BATCHES, reference_batch=FULL_BATCH)
 #: the batches whose chosen points run every headline seed (default: the full batch)
-HEADLINE = {"fashion-softmax": (4096, 16384), "fashion-mlp": (4096, 16384)}
+HEADLINE = {"fashion-softmax": (4096, 16384), "fashion-mlp": (4096, 16384),
+            "fashion-autoencoder": (4096,), "fashion-cnn": (4096,)}
 FASHION = dict(data="fashion-mnist", batches=FASHION_BATCHES, reference_batch=16384)
 TIMING_STEPS, TIMING_WARMUP, RETIME_ROUNDS = 60, 5, 3
 PROBLEMS = {
@@ -84,8 +86,9 @@ PROBLEMS = {
                         targets={b: ["train loss", "test acc ref"] for b in FASHION_BATCHES},
                         reference_steps=150, lr=(0.2, 0.25),
                         budget={1024: 2400, 4096: 1000, 16384: 500}),
-    # reduced to fit a 2-core machine (about 0.8 s a step at 4,096 and 4 s an evaluation of
-    # F on 60,000 rows): the reference at 4,096 after 100 steps, one seed, F every 10 steps
+    # reduced to fit a 2-core machine (about 0.37 s an SGD step at 4,096 on 2 ranks, and
+    # seconds an evaluation of F on 60,000 rows): the reference at 4,096 after 100 steps,
+    # F every 10 steps (the comparators': every step)
     "fashion-autoencoder": dict(FASHION, label="deep autoencoder 784-1000-500-250-30 "
                                 "(logistic), Fashion-MNIST (60,000), reduced",
                                 model={"name": "autoencoder", "encoder": [1000, 500, 250, 30],
@@ -93,6 +96,14 @@ PROBLEMS = {
                                 targets={b: ["train loss"] for b in FASHION_BATCHES},
                                 reference_batch=4096, reference_steps=100, lr=(0.006, 0.0),
                                 eval_every=10, budget={1024: 600, 4096: 200, 16384: 150}),
+    # the built-in cnn, reduced as the autoencoder (channels [8, 16], dense [64]: the 2c2d
+    # takes seconds a step on these cores); needs the dataset's image_shape
+    "fashion-cnn": dict(FASHION, label="cnn (5x5 conv 8, 16; dense 64), Fashion-MNIST "
+                        "(60,000), reduced",
+                        model={"name": "cnn", "channels": [8, 16], "dense": [64], "l2": 1e-4},
+                        targets={b: ["train loss", "test acc ref"] for b in FASHION_BATCHES},
+                        reference_batch=4096, reference_steps=100, lr=(0.1, 0.0),
+                        eval_every=10, budget={1024: 600, 4096: 200, 16384: 150}),
 }
 _QN = {"name": "secant", "line_search": "armijo", "newton_lr": 1.0, "momentum": 0.0,
        "damping": 0.0, "h0": "bb", "max_step_ratio": 1e4}
@@ -196,7 +207,8 @@ MODES = {
                           "secant-overlap": {"memory": [20]},
                           "secant-overlap-fixed": {"newton_lr": [1.0]}}, widen_axes=False,
                     max_points={"sgd": 9, "qn": 5}, budget=None, ratio_cap=2.0,
-                    headline={"fashion-softmax": 3, "fashion-mlp": 3}, minutes=300, jobs=1,
+                    headline={"fashion-softmax": 3, "fashion-mlp": 3,
+                              "fashion-autoencoder": 3, "fashion-cnn": 3}, minutes=300, jobs=1,
                     timing_steps=30, aim_wall=0.6),
 }
 
@@ -540,9 +552,13 @@ def cell(u: dict, name: str) -> dict:
     out = dict(point=point, hits=[], reached=0, seeds=0, censored=None, status=None)
 
     def censor(records, status):
-        out.update(censored=max((r["steps"] for r in records), default=None),
-                   censored_work=max((r["works"][-1] for r in records if r.get("works")),
-                                     default=math.nan), status=status)
+        """The longest run (in the method's unit): its steps, and its work."""
+        longest = max(records, default=None, key=lambda r: (
+            r["works"][-1] if unit_of(u["method"]) == "work" and r.get("works") else
+            r["steps"]))
+        out.update(censored=longest and longest["steps"], status=status,
+                   censored_work=longest["works"][-1] if longest and longest.get("works")
+                   else math.nan)
 
     if point is None:
         records = [r for p in u["points"] for r in p["records"]]
@@ -604,6 +620,8 @@ def steps_text(r: dict) -> str:
     text = tables.spread([h["steps"] if h else math.inf for h in c["hits"]])
     if not math.isfinite(r["steps"]):
         text = f">{max(h['steps'] for h in c['hits'] if h):,}"
+    elif r["method"] in COMPARATORS:
+        text += f" steps, {r['work']:,.0f} work"
     return text + (f" ({c['reached']}/{c['seeds']})" if c["seeds"] > 1 else "")
 
 
@@ -662,7 +680,11 @@ def print_tables(results: dict) -> None:
           "on the training objective (the test-accuracy row uses the train-loss choice). '>N': "
           "not reached in the N steps its runs were allowed. Wall = steps x ms/step ("
           + ("measured alone" if results.get("timings") else "inside the runs")
-          + "); evaluations excluded." + (f" F* = {fs['fstar']:.10g} (Newton-CG, ||grad|| "
+          + "); evaluations excluded. Hessian-free and Entropy-SGD (the comparators): "
+          "budgets, race caps and the choice of point in gradient-equivalent work (a "
+          "forward pass 1/3, a Gauss-Newton product 5/3 of a gradient; SGD's work is its "
+          "steps), '>' the longest run's steps and work, wall their runs' own time to the "
+          "hit." + (f" F* = {fs['fstar']:.10g} (Newton-CG, ||grad|| "
                                           f"{fs['grad_norm']:.1e})." if fs else ""))
     for problem, name in dict.fromkeys((r["problem"], r["target"]) for r in rows):
         mine = [r for r in rows if (r["problem"], r["target"]) == (problem, name)]
@@ -737,6 +759,7 @@ def print_tables(results: dict) -> None:
             hits = [drive.first_hit(r, u["thresholds"][n]) for n in names]
             table.append([shown(u["method"], p["point"]), r["status"], f"{r['steps']:,}", *(
                 (f"{h['steps']:,}" if h else f">{r['steps']:,}")
+                + (f" ({h['work']:,.0f} work)" if h and u["method"] in COMPARATORS else "")
                 + (" *" if u["chosen"].get(n) == p["point"] else "")
                 for n, h in zip(names, hits, strict=True)), f"{r['curve'][-1][4]:.6g}",
                 f"{r['fallback_rate']:.1%}", f"{1e3 * r['t_step']:.2f}"])
@@ -792,7 +815,7 @@ def plot(results: dict, path: Path) -> None:
             ax.plot(bs, [b0["steps"] * b0["batch"] / b for b in bs], ":", color="grey",
                     label="perfect scaling")
         ax.set(xscale="log", yscale="log", xlabel="global batch size (samples per step)",
-               ylabel="optimizer steps to target")
+               ylabel="steps to target (comparators: gradient-equivalents)")
         ax.set_xticks(bs, [str(b) for b in bs])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_title(f"{problem}: {target_label(name, mine[0]['value'])}", fontsize=10)
@@ -817,10 +840,13 @@ def save(results: dict, out: Path) -> None:
 # ----- the job-array recipe -----------------------------------------------------------------
 
 def jobs_array(sweep: Sweep) -> str:
-    """A SLURM job-array script: one ``hessmpi train`` task per run of the first grids."""
+    """A SLURM job-array script: one ``hessmpi train`` task per run of the first grids (not
+    the comparators': their budgets count work, which ``train.steps`` cannot say)."""
     runs = []
     for problem, batch, method in units(sweep.mode, sweep.problems, sweep.batches,
                                         sweep.methods):
+        if method in COMPARATORS:
+            continue
         steps = (PROBLEMS[problem]["reference_steps"] if is_reference(problem, batch, method)
                  else unit_budget(sweep.mode, problem, batch))
         every = max(1, steps // 40)

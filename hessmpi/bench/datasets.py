@@ -58,8 +58,7 @@ def _build(name: str, shared: Path):
     files = _idx(shared, "fashion-mnist", "train-images-idx3-ubyte.gz",
                  "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz")
-    train, test, attrs = importers.mnist(*files)
-    attrs["source"] = "Fashion-MNIST (Xiao, Rasul & Vollgraf 2017), IDX files"
+    train, test, attrs = importers.mnist(*files, kind="fashion-mnist")
     if name == "fashion-mnist-8k":
         train = (train[0][:MNIST_ROWS], train[1][:MNIST_ROWS])
         attrs["description"] += f"; the first {MNIST_ROWS} training rows only"
